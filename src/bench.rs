@@ -1,0 +1,152 @@
+//! Throughput measurements of embedding and adapter training (`rsitrd bench`).
+//!
+//! Inputs are synthetic pixels (preprocessing excluded: it runs on other threads in the
+//! daemon) and real rs-mini captions when a dataset is given, so text lengths are realistic.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
+
+use crate::model::{
+    AdapterConfig, ClipConfig, ClipModel, ClipTokenizer, ForwardOptions, LossConfig, l2_normalize,
+    tokenizer,
+};
+use crate::train::AdapterTrainer;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch_size: usize,
+    /// Timed iterations (after one untimed warm-up iteration).
+    pub iterations: usize,
+    pub image: bool,
+    pub text: bool,
+    pub train: bool,
+    /// Captions to embed / train on (cycled).
+    pub captions: Vec<String>,
+    pub seed: u64,
+}
+
+/// Results; rates are per second, memory in MiB.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub config: String,
+    pub batch_size: usize,
+    pub iterations: usize,
+    pub image_embed_per_s: Option<f64>,
+    pub text_embed_per_s: Option<f64>,
+    pub train_pairs_per_s: Option<f64>,
+    pub train_step_ms: Option<f64>,
+    pub trainable_params: usize,
+    /// Peak resident memory of the process (VmHWM) at the end of the run.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Peak resident set size of this process, from `/proc/self/status`.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn batch_captions(options: &BenchOptions, iteration: usize) -> Vec<String> {
+    let fallback = vec!["many buildings and green trees are around a playground".to_string()];
+    let captions = if options.captions.is_empty() {
+        &fallback
+    } else {
+        &options.captions
+    };
+    (0..options.batch_size)
+        .map(|i| captions[(iteration * options.batch_size + i) % captions.len()].clone())
+        .collect()
+}
+
+/// Runs the benchmark on a model (random or loaded) for the training backend `AB`.
+pub fn run<AB: AutodiffBackend>(
+    model: ClipModel<AB>,
+    config: &ClipConfig,
+    adapter: &AdapterConfig,
+    device: &AB::Device,
+    options: &BenchOptions,
+    description: String,
+) -> BenchReport {
+    AB::seed(device, options.seed);
+    let tokenizer = ClipTokenizer::new(config.text_config.max_position_embeddings);
+    let size = config.vision_config.image_size;
+    let patch = config.vision_config.patch_size;
+    let patch_shape = |n: usize| [n, (size / patch) * (size / patch), 3 * patch * patch];
+    let pixels = |n: usize| -> Tensor<AB::InnerBackend, 3> {
+        Tensor::random(patch_shape(n), Distribution::Normal(0.0, 1.0), device)
+    };
+    let iterations = options.iterations.max(1);
+    let timed = |mut body: Box<dyn FnMut(usize) + '_>| -> f64 {
+        body(0); // warm-up
+        let start = Instant::now();
+        for iteration in 1..=iterations {
+            body(iteration);
+        }
+        start.elapsed().as_secs_f64()
+    };
+    let mut report = BenchReport {
+        device: format!("{device:?}"),
+        config: description,
+        batch_size: options.batch_size,
+        iterations,
+        image_embed_per_s: None,
+        text_embed_per_s: None,
+        train_pairs_per_s: None,
+        train_step_ms: None,
+        trainable_params: adapter.trainable_params(config),
+        peak_rss_mib: None,
+    };
+    let per_second = |seconds: f64| (iterations * options.batch_size) as f64 / seconds;
+
+    if options.image || options.text {
+        use burn::module::AutodiffModule;
+        let inference = model.valid();
+        if options.image {
+            let input = pixels(options.batch_size);
+            let seconds = timed(Box::new(|_| {
+                let out = l2_normalize(
+                    inference.image_features(input.clone(), ForwardOptions::default()),
+                );
+                let _ = out.into_data();
+            }));
+            report.image_embed_per_s = Some(per_second(seconds));
+        }
+        if options.text {
+            let seconds = timed(Box::new(|iteration| {
+                let tokens = tokenizer.batch(&batch_captions(options, iteration));
+                let out = l2_normalize(inference.text_features(&tokens, ForwardOptions::default()));
+                let _ = out.into_data();
+            }));
+            report.text_embed_per_s = Some(per_second(seconds));
+        }
+    }
+    if options.train {
+        let mut trainer = AdapterTrainer::new(model, LossConfig::default());
+        let seconds = timed(Box::new(|iteration| {
+            let ids: Vec<Vec<i32>> = batch_captions(options, iteration)
+                .iter()
+                .map(|c| tokenizer.encode(c))
+                .collect();
+            let tokens = tokenizer::batch_from_ids(&ids);
+            let input: Tensor<AB, 3> = Tensor::random(
+                patch_shape(options.batch_size),
+                Distribution::Normal(0.0, 1.0),
+                device,
+            );
+            let losses = trainer.step(input, &tokens, 2e-4);
+            assert!(losses.is_finite(), "non-finite loss in benchmark");
+        }));
+        report.train_pairs_per_s = Some(per_second(seconds));
+        report.train_step_ms = Some(1000.0 * seconds / iterations as f64);
+    }
+    report.peak_rss_mib = peak_rss_mib();
+    report
+}

@@ -1,0 +1,170 @@
+//! Retrieval metrics: R@1/5/10 image→text and text→image and their mean (mR), METHOD.md's
+//! protocol, with ties broken pessimistically.
+//!
+//! Tie rule: an item tied with the ground truth counts as ranked above it, so a model that
+//! scores everything equally gets rank `N-1`, never a lucky hit.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Recall figures in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RetrievalMetrics {
+    pub i2t_r1: f64,
+    pub i2t_r5: f64,
+    pub i2t_r10: f64,
+    pub t2i_r1: f64,
+    pub t2i_r5: f64,
+    pub t2i_r10: f64,
+    /// Mean of the six recalls.
+    pub mr: f64,
+    pub images: usize,
+    pub captions: usize,
+}
+
+/// Computes the metrics from a row-major `[images, captions]` similarity matrix.
+/// `caption_image[c]` is the image that caption `c` describes; every image needs at least one
+/// caption.
+pub fn retrieval_metrics(
+    similarity: &[f32],
+    images: usize,
+    caption_image: &[usize],
+) -> RetrievalMetrics {
+    let captions = caption_image.len();
+    assert_eq!(similarity.len(), images * captions, "similarity shape");
+    // image -> text: rank of the best ground-truth caption among the non-ground-truth ones.
+    let image_ranks: Vec<usize> = (0..images)
+        .into_par_iter()
+        .map(|image| {
+            let row = &similarity[image * captions..(image + 1) * captions];
+            let best = caption_image
+                .iter()
+                .zip(row)
+                .filter(|(owner, _)| **owner == image)
+                .map(|(_, score)| *score)
+                .fold(f32::NEG_INFINITY, f32::max);
+            caption_image
+                .iter()
+                .zip(row)
+                .filter(|(owner, score)| **owner != image && **score >= best)
+                .count()
+        })
+        .collect();
+    // text -> image: rank of the caption's own image among the other images.
+    let caption_ranks: Vec<usize> = (0..captions)
+        .into_par_iter()
+        .map(|caption| {
+            let own = caption_image[caption];
+            let target = similarity[own * captions + caption];
+            (0..images)
+                .filter(|&image| image != own && similarity[image * captions + caption] >= target)
+                .count()
+        })
+        .collect();
+    let recall = |ranks: &[usize], k: usize| {
+        if ranks.is_empty() {
+            return 0.0;
+        }
+        100.0 * ranks.iter().filter(|&&rank| rank < k).count() as f64 / ranks.len() as f64
+    };
+    let (i2t_r1, i2t_r5, i2t_r10) = (
+        recall(&image_ranks, 1),
+        recall(&image_ranks, 5),
+        recall(&image_ranks, 10),
+    );
+    let (t2i_r1, t2i_r5, t2i_r10) = (
+        recall(&caption_ranks, 1),
+        recall(&caption_ranks, 5),
+        recall(&caption_ranks, 10),
+    );
+    RetrievalMetrics {
+        i2t_r1,
+        i2t_r5,
+        i2t_r10,
+        t2i_r1,
+        t2i_r5,
+        t2i_r10,
+        mr: (i2t_r1 + i2t_r5 + i2t_r10 + t2i_r1 + t2i_r5 + t2i_r10) / 6.0,
+        images,
+        captions,
+    }
+}
+
+/// Row-major `[a.len(), b.len()]` dot products of two sets of (normalized) embeddings.
+pub fn similarity_matrix(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f32> {
+    let columns = b.len();
+    let mut out = vec![0.0f32; a.len() * columns];
+    out.par_chunks_mut(columns.max(1))
+        .zip(a.par_iter())
+        .for_each(|(row, left)| {
+            for (cell, right) in row.iter_mut().zip(b) {
+                *cell = left.iter().zip(right).map(|(x, y)| x * y).sum();
+            }
+        });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_ranks_with_unequal_caption_counts() {
+        // 3 images; image 0 has captions 0,1; image 1 has caption 2; image 2 has captions 3,4,5.
+        let owners = [0, 0, 1, 2, 2, 2];
+        #[rustfmt::skip]
+        let sim = [
+            // c0   c1   c2   c3   c4   c5
+            0.9, 0.1, 0.5, 0.2, 0.0, 0.0, // image 0: best gt 0.9 -> rank 0
+            0.8, 0.0, 0.3, 0.1, 0.9, 0.0, // image 1: gt 0.3; beaten by c0 .8, c4 .9 -> rank 2
+            0.0, 0.0, 0.0, 0.1, 0.2, 0.3, // image 2: best gt .3; c0,c1,c2 at 0 -> rank 0
+        ];
+        let m = retrieval_metrics(&sim, 3, &owners);
+        assert!((m.i2t_r1 - 200.0 / 3.0).abs() < 1e-9);
+        assert_eq!(m.i2t_r5, 100.0);
+        // text -> image ranks: c0: own .9 vs .8,0 -> 0; c1: own .1 vs 0,0 -> 0;
+        // c2: own .3 vs .5, 0 -> 1; c3: own .1 vs .2, .1 (tie) -> 2; c4: own .2 vs 0, .9 -> 1;
+        // c5: own .3 vs 0, 0 -> 0.
+        assert!((m.t2i_r1 - 50.0).abs() < 1e-9);
+        assert!((m.t2i_r5 - 100.0).abs() < 1e-9);
+        assert_eq!(m.images, 3);
+        assert_eq!(m.captions, 6);
+        let mean = (m.i2t_r1 + m.i2t_r5 + m.i2t_r10 + m.t2i_r1 + m.t2i_r5 + m.t2i_r10) / 6.0;
+        assert!((m.mr - mean).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ties_count_against() {
+        // Everything equal: no hit at R@1 in either direction.
+        let owners = [0, 1];
+        let sim = [0.5; 4];
+        let m = retrieval_metrics(&sim, 2, &owners);
+        assert_eq!(m.i2t_r1, 0.0);
+        assert_eq!(m.t2i_r1, 0.0);
+        assert_eq!(m.i2t_r5, 100.0);
+    }
+
+    #[test]
+    fn r10_needs_more_than_ten_items() {
+        // 12 images, one caption each; caption 0's own image is beaten by 10 others.
+        let n = 12;
+        let owners: Vec<usize> = (0..n).collect();
+        let mut sim = vec![0.0f32; n * n];
+        for i in 0..n {
+            sim[i * n + i] = 1.0;
+        }
+        for image in 1..=10 {
+            sim[image * n] = 2.0;
+        }
+        let m = retrieval_metrics(&sim, n, &owners);
+        assert!((m.t2i_r10 - 100.0 * 11.0 / 12.0).abs() < 1e-9);
+        assert!((m.t2i_r1 - 100.0 * 11.0 / 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn similarity_is_dot_product() {
+        let a = vec![vec![1.0, 0.0], vec![0.6, 0.8]];
+        let b = vec![vec![0.0, 1.0]];
+        assert_eq!(similarity_matrix(&a, &b), vec![0.0, 0.8]);
+    }
+}

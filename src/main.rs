@@ -1,0 +1,300 @@
+//! The `rsitrd` command line: parses arguments, sets up logging, calls into the library.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use rsitrd::model::config::backbone_params;
+use rsitrd::model::device::DeviceChoice;
+use rsitrd::model::preprocess::{DEFAULT_MAX_PIXELS, decode_image, preprocess};
+use rsitrd::model::{AdapterConfig, ClipConfig, Embedder};
+use rsitrd::{bench, with_backend};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rsitrd",
+    version,
+    about = "Remote-sensing image-text retrieval daemon (CLIP + MRS-Adapter)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print total and trainable parameter counts (reads only DIR/config.json).
+    Params {
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter bottleneck width (default: the paper's 64, smaller for tiny backbones).
+        #[arg(long)]
+        bottleneck: Option<usize>,
+        /// Width of the shared up layer (default 64).
+        #[arg(long)]
+        shared_width: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Embed images and captions; one JSON line per input, in the order given.
+    Embed {
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter checkpoint (safetensors written by `rsitrd train`).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        #[arg(long = "text")]
+        texts: Vec<String>,
+        /// Print JSON lines (the only output format; accepted for clarity).
+        #[arg(long)]
+        json: bool,
+        /// Largest accepted image in pixels.
+        #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
+    },
+    /// Time image/text embedding and adapter training on a device.
+    Bench {
+        /// Model directory; without it, a random-weight model of --preset size.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Size of the random model when --model is absent.
+        #[arg(long, default_value = "vit-b-32")]
+        preset: String,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3)]
+        iterations: usize,
+        /// Comma-separated subset of image,text,train.
+        #[arg(long, default_value = "image,text,train")]
+        only: String,
+        /// Karpathy dataset whose captions are used as text inputs.
+        #[arg(long)]
+        captions: Option<PathBuf>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn main() {
+    init_tracing();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    if let Err(error) = run(cli, &matches) {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RSITRD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        builder.init();
+    } else {
+        builder.json().init();
+    }
+}
+
+fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    match cli.command {
+        Command::Params {
+            model,
+            bottleneck,
+            shared_width,
+            json,
+        } => params(&model, bottleneck, shared_width, json),
+        Command::Embed {
+            model,
+            adapter,
+            device,
+            images,
+            texts,
+            json: _,
+            max_pixels,
+        } => {
+            let sub = matches.subcommand_matches("embed").expect("embed matches");
+            let order = input_order(sub, images.len(), texts.len());
+            with_backend!(device, B, device => embed::<B>(&device, &model, adapter.as_deref(), &images, &texts, &order, max_pixels))
+        }
+        Command::Bench {
+            model,
+            preset,
+            device,
+            batch_size,
+            iterations,
+            only,
+            captions,
+            seed,
+        } => {
+            let parts: Vec<&str> = only.split(',').map(str::trim).collect();
+            for part in &parts {
+                if !["image", "text", "train"].contains(part) {
+                    bail!("--only: unknown part `{part}` (expected image, text or train)");
+                }
+            }
+            let captions = match captions {
+                Some(path) => karpathy_captions(&path)?,
+                None => Vec::new(),
+            };
+            let options = bench::BenchOptions {
+                batch_size,
+                iterations,
+                image: parts.contains(&"image"),
+                text: parts.contains(&"text"),
+                train: parts.contains(&"train"),
+                captions,
+                seed,
+            };
+            with_backend!(device, B, device => bench_command::<B>(&device, model.as_deref(), &preset, &options))
+        }
+    }
+}
+
+fn params(
+    model: &Path,
+    bottleneck: Option<usize>,
+    shared_width: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let config = ClipConfig::from_model_dir(model)?;
+    let mut adapter = AdapterConfig::default_for(&config);
+    if let Some(width) = bottleneck {
+        adapter.bottleneck = width;
+    }
+    if let Some(width) = shared_width {
+        adapter.shared_width = width;
+    }
+    adapter.validate_for(&config)?;
+    let backbone = backbone_params(&config);
+    let trainable = adapter.trainable_params(&config);
+    let total = backbone + trainable;
+    let percent = 100.0 * trainable as f64 / backbone as f64;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"total": total, "backbone": backbone, "trainable": trainable,
+                "trainable_percent_of_backbone": percent})
+        );
+    } else {
+        println!("total      {total}");
+        println!("backbone   {backbone} (frozen)");
+        println!("trainable  {trainable} ({percent:.3} % of the backbone)");
+    }
+    Ok(())
+}
+
+/// Positions of `--image` and `--text` values on the command line, merged.
+fn input_order(matches: &ArgMatches, images: usize, texts: usize) -> Vec<(bool, usize)> {
+    let mut order: Vec<(usize, bool, usize)> = Vec::with_capacity(images + texts);
+    if let Some(indices) = matches.indices_of("images") {
+        order.extend(indices.enumerate().map(|(i, at)| (at, true, i)));
+    }
+    if let Some(indices) = matches.indices_of("texts") {
+        order.extend(indices.enumerate().map(|(i, at)| (at, false, i)));
+    }
+    order.sort();
+    order
+        .into_iter()
+        .map(|(_, is_image, i)| (is_image, i))
+        .collect()
+}
+
+fn embed<B: Backend>(
+    device: &B::Device,
+    model: &Path,
+    adapter: Option<&Path>,
+    images: &[PathBuf],
+    texts: &[String],
+    order: &[(bool, usize)],
+    max_pixels: u64,
+) -> Result<()> {
+    if images.is_empty() && texts.is_empty() {
+        bail!("nothing to embed: give at least one --image or --text");
+    }
+    let embedder = Embedder::<B>::load(model, adapter, device)?;
+    let size = embedder.image_size();
+    let pixels: Vec<Vec<f32>> = images
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read image {}", path.display()))?;
+            let image = decode_image(&bytes, &path.display().to_string(), max_pixels)?;
+            Ok(preprocess(&image, size))
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+    let image_embeddings = embedder.embed_pixels(&refs);
+    let text_embeddings = embedder.embed_texts(texts);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for &(is_image, index) in order {
+        let line = if is_image {
+            serde_json::json!({"kind": "image", "input": images[index].display().to_string(),
+                "embedding": image_embeddings[index]})
+        } else {
+            serde_json::json!({"kind": "text", "input": texts[index],
+                "embedding": text_embeddings[index]})
+        };
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// Every caption (`raw`) of a Karpathy-format dataset file.
+fn karpathy_captions(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    let captions = value["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|image| image["sentences"].as_array().into_iter().flatten())
+        .filter_map(|sentence| sentence["raw"].as_str().map(str::to_string))
+        .collect();
+    Ok(captions)
+}
+
+fn bench_command<B: Backend>(
+    device: &B::Device,
+    model_dir: Option<&Path>,
+    preset: &str,
+    options: &bench::BenchOptions,
+) -> Result<()> {
+    type AB<B> = Autodiff<B>;
+    let (model, config, adapter, description) = match model_dir {
+        Some(dir) => {
+            let config = ClipConfig::from_model_dir(dir)?;
+            let adapter = AdapterConfig::default_for(&config);
+            let loaded = rsitrd::model::weights::load_clip::<AB<B>>(dir, &adapter, device)?;
+            (loaded.model, config, adapter, dir.display().to_string())
+        }
+        None => {
+            let config = match preset {
+                "vit-b-32" => ClipConfig::vit_base_patch32(),
+                other => bail!("unknown preset `{other}` (expected vit-b-32)"),
+            };
+            let adapter = AdapterConfig::default_for(&config);
+            let model = config.init::<AB<B>>(&adapter, device);
+            (model, config, adapter, format!("{preset} (random weights)"))
+        }
+    };
+    let report = bench::run::<AB<B>>(model, &config, &adapter, device, options, description);
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The MRS-Adapter: one instance shared by every block of both CLIP towers (METHOD.md).
+
+use burn::module::Param;
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::relu;
+
+use super::config::{AdapterConfig, ClipConfig};
+
+/// Which tower the adapter is serving (selects the modality-specific projections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modality {
+    Vision,
+    Text,
+}
+
+/// `adapter(x, m) = concat(up_m(h), shared_up(h))`, `h = dropout(relu(down_m(x)))`.
+///
+/// Field names are the keys of adapter checkpoints (`adapter.visual_down.weight`, …).
+#[derive(Module, Debug)]
+pub struct MrsAdapter<B: Backend> {
+    /// Image-specific down projection `d_vision -> bottleneck`.
+    pub visual_down: Linear<B>,
+    /// Text-specific down projection `d_text -> bottleneck`.
+    pub text_down: Linear<B>,
+    /// Image-specific up projection `bottleneck -> d_vision - shared_width`.
+    pub visual_up: Linear<B>,
+    /// Text-specific up projection `bottleneck -> d_text - shared_width`.
+    pub text_up: Linear<B>,
+    /// Up projection shared by both modalities: the last `shared_width` output channels.
+    pub shared_up: Linear<B>,
+    /// Dropout probability on the bottleneck, applied only when the caller asks for it.
+    pub dropout: f64,
+}
+
+/// Linear layer with PyTorch's default weight init (Kaiming-uniform, a = √5) and a zero bias.
+fn down_projection<B: Backend>(d_input: usize, d_output: usize, device: &B::Device) -> Linear<B> {
+    let mut linear = LinearConfig::new(d_input, d_output).init(device);
+    linear.bias = Some(Param::from_tensor(Tensor::zeros([d_output], device)));
+    linear
+}
+
+/// Linear layer with zero weight and zero bias, so the untrained adapter adds nothing.
+fn zero_projection<B: Backend>(d_input: usize, d_output: usize, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_input, d_output)
+        .with_initializer(Initializer::Zeros)
+        .init(device)
+}
+
+impl AdapterConfig {
+    /// A fresh adapter for this backbone: up weights and all biases zero.
+    pub fn init<B: Backend>(&self, clip: &ClipConfig, device: &B::Device) -> MrsAdapter<B> {
+        let d_vision = clip.vision_config.hidden_size;
+        let d_text = clip.text_config.hidden_size;
+        MrsAdapter {
+            visual_down: down_projection(d_vision, self.bottleneck, device),
+            text_down: down_projection(d_text, self.bottleneck, device),
+            visual_up: zero_projection(self.bottleneck, d_vision - self.shared_width, device),
+            text_up: zero_projection(self.bottleneck, d_text - self.shared_width, device),
+            shared_up: zero_projection(self.bottleneck, self.shared_width, device),
+            dropout: self.dropout,
+        }
+    }
+}
+
+impl<B: Backend> MrsAdapter<B> {
+    /// Adapter output for the residual stream `x`.
+    ///
+    /// - `x`: `[batch, tokens, d_model]` (post-attention residual stream, no LayerNorm)
+    /// - returns `[batch, tokens, d_model]`
+    pub fn forward(&self, x: Tensor<B, 3>, modality: Modality, train: bool) -> Tensor<B, 3> {
+        let (down, up) = match modality {
+            Modality::Vision => (&self.visual_down, &self.visual_up),
+            Modality::Text => (&self.text_down, &self.text_up),
+        };
+        let hidden = relu(down.forward(x)); // [batch, tokens, bottleneck]
+        let hidden = if train {
+            dropout(hidden, self.dropout)
+        } else {
+            hidden
+        };
+        let specific = up.forward(hidden.clone()); // [batch, tokens, d_model - shared]
+        let shared = self.shared_up.forward(hidden); // [batch, tokens, shared]
+        Tensor::cat(vec![specific, shared], 2)
+    }
+}
+
+/// Inverted dropout with probability `prob` (identity when `prob` is 0).
+pub fn dropout<B: Backend, const D: usize>(input: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
+    if prob <= 0.0 {
+        return input;
+    }
+    let keep = 1.0 - prob;
+    let mask = input.random_like(Distribution::Bernoulli(keep));
+    input * mask * (1.0 / keep)
+}

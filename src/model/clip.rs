@@ -1,0 +1,404 @@
+//! CLIP vision (ViT) and text towers with the MRS-Adapter in every block.
+//!
+//! Struct fields mirror the HuggingFace `CLIPModel` checkpoint keys
+//! (`vision_model.encoder.layers.3.self_attn.q_proj.weight`, …), so weights load with no
+//! key remapping (see `weights.rs`).
+
+use burn::module::Param;
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Int, TensorData};
+
+use super::adapter::{Modality, MrsAdapter, dropout};
+use super::config::{AdapterConfig, ClipConfig, HiddenAct};
+
+/// Per-call switches of a forward pass. The default is inference.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Apply the adapter's bottleneck dropout (training).
+    pub adapter_dropout: bool,
+    /// Embedding dropout for the "augmented" views (METHOD.md: 0.2); 0 disables it.
+    pub embedding_dropout: f64,
+}
+
+/// Multi-head self-attention with HF's projection names.
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub out_proj: Linear<B>,
+    /// Number of heads; `d_model / num_heads` is the head width.
+    pub num_heads: usize,
+}
+
+impl<B: Backend> ClipAttention<B> {
+    fn new(d_model: usize, num_heads: usize, device: &B::Device) -> Self {
+        let linear = || LinearConfig::new(d_model, d_model).init(device);
+        Self {
+            q_proj: linear(),
+            k_proj: linear(),
+            v_proj: linear(),
+            out_proj: linear(),
+            num_heads,
+        }
+    }
+
+    /// - `x`: `[batch, tokens, d_model]`; returns `[batch, tokens, d_model]`.
+    fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+        let [batch, tokens, d_model] = x.dims();
+        let head_dim = d_model / self.num_heads;
+        let split = |t: Tensor<B, 3>| {
+            t.reshape([batch, tokens, self.num_heads, head_dim])
+                .swap_dims(1, 2) // [batch, heads, tokens, head_dim]
+        };
+        let q = split(self.q_proj.forward(x.clone()));
+        let k = split(self.k_proj.forward(x.clone()));
+        let v = split(self.v_proj.forward(x));
+        let options = AttentionModuleOptions {
+            is_causal: causal,
+            ..Default::default()
+        };
+        let context = attention(q, k, v, None, None, options) // [batch, heads, tokens, head_dim]
+            .swap_dims(1, 2)
+            .reshape([batch, tokens, d_model]);
+        self.out_proj.forward(context)
+    }
+}
+
+/// The block MLP: `fc2(act(fc1(x)))`.
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+    #[module(skip)]
+    pub activation: HiddenAct,
+}
+
+impl<B: Backend> ClipMlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = self.fc1.forward(x);
+        let hidden = match self.activation {
+            HiddenAct::QuickGelu => hidden.clone() * sigmoid(hidden * 1.702),
+            HiddenAct::Gelu => gelu(hidden),
+            HiddenAct::GeluTanh => gelu_approximate(hidden),
+        };
+        self.fc2.forward(hidden)
+    }
+}
+
+/// One pre-LN transformer block with the adapter in parallel with the MLP.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: Backend> {
+    pub self_attn: ClipAttention<B>,
+    pub layer_norm1: LayerNorm<B>,
+    pub mlp: ClipMlp<B>,
+    pub layer_norm2: LayerNorm<B>,
+}
+
+/// The stack of blocks of one tower.
+#[derive(Module, Debug)]
+pub struct ClipEncoder<B: Backend> {
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+/// Geometry of one tower's encoder.
+struct EncoderShape {
+    d_model: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    activation: HiddenAct,
+    eps: f64,
+}
+
+impl<B: Backend> ClipEncoder<B> {
+    fn new(shape: &EncoderShape, device: &B::Device) -> Self {
+        let layers = (0..shape.layers)
+            .map(|_| ClipEncoderLayer {
+                self_attn: ClipAttention::new(shape.d_model, shape.heads, device),
+                layer_norm1: layer_norm(shape.d_model, shape.eps, device),
+                mlp: ClipMlp {
+                    fc1: LinearConfig::new(shape.d_model, shape.intermediate).init(device),
+                    fc2: LinearConfig::new(shape.intermediate, shape.d_model).init(device),
+                    activation: shape.activation,
+                },
+                layer_norm2: layer_norm(shape.d_model, shape.eps, device),
+            })
+            .collect();
+        Self { layers }
+    }
+
+    /// Runs every block:
+    /// `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + adapter(x, modality)`.
+    ///
+    /// - `x`: `[batch, tokens, d_model]`; returns the same shape.
+    fn forward(
+        &self,
+        mut x: Tensor<B, 3>,
+        adapter: &MrsAdapter<B>,
+        modality: Modality,
+        causal: bool,
+        options: ForwardOptions,
+    ) -> Tensor<B, 3> {
+        for layer in &self.layers {
+            x = x.clone()
+                + layer
+                    .self_attn
+                    .forward(layer.layer_norm1.forward(x), causal);
+            let adapted = adapter.forward(x.clone(), modality, options.adapter_dropout);
+            x = x.clone() + layer.mlp.forward(layer.layer_norm2.forward(x)) + adapted;
+        }
+        x
+    }
+}
+
+fn layer_norm<B: Backend>(d_model: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
+    LayerNormConfig::new(d_model).with_epsilon(eps).init(device)
+}
+
+/// Token and position embeddings of the text tower.
+#[derive(Module, Debug)]
+pub struct ClipTextEmbeddings<B: Backend> {
+    pub token_embedding: Embedding<B>,
+    pub position_embedding: Embedding<B>,
+}
+
+/// The text tower (`text_model.*`).
+#[derive(Module, Debug)]
+pub struct ClipTextTransformer<B: Backend> {
+    pub embeddings: ClipTextEmbeddings<B>,
+    pub encoder: ClipEncoder<B>,
+    pub final_layer_norm: LayerNorm<B>,
+}
+
+/// The patch embedding: a stride = kernel convolution without bias, computed as a matmul.
+#[derive(Module, Debug)]
+pub struct PatchEmbedding<B: Backend> {
+    /// `[d_model, channels, patch, patch]`, PyTorch's `Conv2d` layout.
+    pub weight: Param<Tensor<B, 4>>,
+}
+
+/// Class token, patch and position embeddings of the vision tower.
+#[derive(Module, Debug)]
+pub struct ClipVisionEmbeddings<B: Backend> {
+    /// `[d_model]`
+    pub class_embedding: Param<Tensor<B, 1>>,
+    pub patch_embedding: PatchEmbedding<B>,
+    pub position_embedding: Embedding<B>,
+}
+
+/// The vision tower (`vision_model.*`). `pre_layrnorm` is spelled as in HF.
+#[derive(Module, Debug)]
+pub struct ClipVisionTransformer<B: Backend> {
+    pub embeddings: ClipVisionEmbeddings<B>,
+    pub pre_layrnorm: LayerNorm<B>,
+    pub encoder: ClipEncoder<B>,
+    pub post_layernorm: LayerNorm<B>,
+}
+
+/// CLIP with one MRS-Adapter shared by all blocks of both towers.
+#[derive(Module, Debug)]
+pub struct ClipModel<B: Backend> {
+    pub text_model: ClipTextTransformer<B>,
+    pub vision_model: ClipVisionTransformer<B>,
+    /// `[d_vision, projection]` (burn layout), no bias.
+    pub visual_projection: Linear<B>,
+    /// `[d_text, projection]` (burn layout), no bias.
+    pub text_projection: Linear<B>,
+    /// The only trainable part.
+    pub adapter: MrsAdapter<B>,
+    /// Patch size of the vision tower.
+    pub patch_size: usize,
+}
+
+/// A batch of tokenized captions, ready for the text tower.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// Row-major `[batch, seq_len]` token ids, padded with 0.
+    pub ids: Vec<i32>,
+    /// Index of the first EOT token of each row (the pooled position).
+    pub eot_positions: Vec<usize>,
+    /// Columns of `ids`: the longest caption of the batch (attention is causal, so padding
+    /// beyond it could not change any pooled token).
+    pub seq_len: usize,
+}
+
+impl TokenBatch {
+    pub fn len(&self) -> usize {
+        self.eot_positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.eot_positions.is_empty()
+    }
+}
+
+impl ClipConfig {
+    /// A CLIP with freshly initialised (random) backbone weights and an untrained adapter.
+    pub fn init<B: Backend>(&self, adapter: &AdapterConfig, device: &B::Device) -> ClipModel<B> {
+        let text = &self.text_config;
+        let vision = &self.vision_config;
+        let text_shape = EncoderShape {
+            d_model: text.hidden_size,
+            intermediate: text.intermediate_size,
+            layers: text.num_hidden_layers,
+            heads: text.num_attention_heads,
+            activation: text.hidden_act,
+            eps: text.layer_norm_eps,
+        };
+        let vision_shape = EncoderShape {
+            d_model: vision.hidden_size,
+            intermediate: vision.intermediate_size,
+            layers: vision.num_hidden_layers,
+            heads: vision.num_attention_heads,
+            activation: vision.hidden_act,
+            eps: vision.layer_norm_eps,
+        };
+        let patch_weight = Tensor::random(
+            [
+                vision.hidden_size,
+                vision.num_channels,
+                vision.patch_size,
+                vision.patch_size,
+            ],
+            burn::tensor::Distribution::Normal(0.0, 0.02),
+            device,
+        );
+        ClipModel {
+            text_model: ClipTextTransformer {
+                embeddings: ClipTextEmbeddings {
+                    token_embedding: EmbeddingConfig::new(text.vocab_size, text.hidden_size)
+                        .init(device),
+                    position_embedding: EmbeddingConfig::new(
+                        text.max_position_embeddings,
+                        text.hidden_size,
+                    )
+                    .init(device),
+                },
+                encoder: ClipEncoder::new(&text_shape, device),
+                final_layer_norm: layer_norm(text.hidden_size, text.layer_norm_eps, device),
+            },
+            vision_model: ClipVisionTransformer {
+                embeddings: ClipVisionEmbeddings {
+                    class_embedding: Param::from_tensor(Tensor::random(
+                        [vision.hidden_size],
+                        burn::tensor::Distribution::Normal(0.0, 0.02),
+                        device,
+                    )),
+                    patch_embedding: PatchEmbedding {
+                        weight: Param::from_tensor(patch_weight),
+                    },
+                    position_embedding: EmbeddingConfig::new(
+                        self.vision_positions(),
+                        vision.hidden_size,
+                    )
+                    .init(device),
+                },
+                pre_layrnorm: layer_norm(vision.hidden_size, vision.layer_norm_eps, device),
+                encoder: ClipEncoder::new(&vision_shape, device),
+                post_layernorm: layer_norm(vision.hidden_size, vision.layer_norm_eps, device),
+            },
+            visual_projection: LinearConfig::new(vision.hidden_size, self.projection_dim)
+                .with_bias(false)
+                .init(device),
+            text_projection: LinearConfig::new(text.hidden_size, self.projection_dim)
+                .with_bias(false)
+                .init(device),
+            adapter: adapter.init(self, device),
+            patch_size: vision.patch_size,
+        }
+    }
+}
+
+impl<B: Backend> ClipModel<B> {
+    /// Projected image embeddings (not normalized).
+    ///
+    /// - `patches`: `[batch, patches, channels * patch * patch]`, CLIP-normalized pixels cut
+    ///   into patches on the host by [`super::preprocess::patchify`] (a stride = kernel
+    ///   convolution is then one matmul; burn-flex's 6-D permute would cost more than the
+    ///   whole tiny model)
+    /// - returns `[batch, projection_dim]`
+    pub fn image_features(&self, patches: Tensor<B, 3>, options: ForwardOptions) -> Tensor<B, 2> {
+        let [batch, _, patch_len] = patches.dims();
+        let embeddings = &self.vision_model.embeddings;
+        let weight = embeddings.patch_embedding.weight.val(); // [d, c, p, p]
+        let d_model = weight.dims()[0];
+        let weight = weight.reshape([d_model, patch_len]).transpose(); // [c*p*p, d]
+        let patches = patches.matmul(weight.unsqueeze::<3>()); // [batch, patches, d]
+        let class = embeddings
+            .class_embedding
+            .val()
+            .reshape([1, 1, d_model])
+            .expand([batch, 1, d_model]);
+        let tokens = Tensor::cat(vec![class, patches], 1); // [batch, patches + 1, d]
+        let positions = embeddings.position_embedding.weight.val().unsqueeze::<3>(); // [1, patches + 1, d]
+        let x = self.vision_model.pre_layrnorm.forward(tokens + positions);
+        let x = dropout(x, options.embedding_dropout);
+        let x =
+            self.vision_model
+                .encoder
+                .forward(x, &self.adapter, Modality::Vision, false, options);
+        let cls = x.slice([0..batch, 0..1]).reshape([batch, d_model]); // [batch, d]
+        let pooled = self.vision_model.post_layernorm.forward(cls);
+        self.visual_projection.forward(pooled)
+    }
+
+    /// Projected text embeddings (not normalized), pooled at each caption's first EOT.
+    ///
+    /// Returns `[batch, projection_dim]`.
+    pub fn text_features(&self, tokens: &TokenBatch, options: ForwardOptions) -> Tensor<B, 2> {
+        let device = self.visual_projection.weight.device();
+        let batch = tokens.len();
+        let seq_len = tokens.seq_len;
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.ids.clone(), [batch, seq_len]),
+            &device,
+        );
+        let embeddings = &self.text_model.embeddings;
+        let x = embeddings.token_embedding.forward(ids); // [batch, seq, d]
+        let d_model = x.dims()[2];
+        let positions = embeddings
+            .position_embedding
+            .weight
+            .val()
+            .slice(0..seq_len)
+            .unsqueeze::<3>(); // [1, seq, d]
+        let x = dropout(x + positions, options.embedding_dropout);
+        let x = self
+            .text_model
+            .encoder
+            .forward(x, &self.adapter, Modality::Text, true, options);
+        let rows: Vec<i32> = tokens
+            .eot_positions
+            .iter()
+            .enumerate()
+            .map(|(row, &eot)| (row * seq_len + eot) as i32)
+            .collect();
+        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &device);
+        let pooled = x.reshape([batch * seq_len, d_model]).select(0, rows); // [batch, d]
+        let pooled = self.text_model.final_layer_norm.forward(pooled);
+        self.text_projection.forward(pooled)
+    }
+
+    /// Freezes the backbone: only adapter parameters will receive gradients.
+    pub fn freeze_backbone(self) -> Self {
+        Self {
+            text_model: self.text_model.no_grad(),
+            vision_model: self.vision_model.no_grad(),
+            visual_projection: self.visual_projection.no_grad(),
+            text_projection: self.text_projection.no_grad(),
+            adapter: self.adapter,
+            patch_size: self.patch_size,
+        }
+    }
+}
+
+/// Row-wise L2 normalization (`[batch, dim]`).
+pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12); // [batch, 1]
+    x / norm
+}

@@ -1,0 +1,151 @@
+//! Run-time choice of the compute device: the flex CPU backend, or CUDA (feature `cuda`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The CPU backend (burn-flex: pure Rust, SIMD, multithreaded).
+pub type Cpu = burn::backend::Flex;
+/// The CUDA backend.
+#[cfg(feature = "cuda")]
+pub type Cuda = burn::backend::Cuda;
+
+/// Where tensors live, as given on the command line or in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    /// GPU ordinal.
+    Cuda(usize),
+}
+
+/// The device cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device `{0}` (expected cpu, cuda or cuda:N)")]
+    Unknown(String),
+    #[error(
+        "--device cuda needs a build with CUDA support: rebuild with `cargo build --release --features cuda`"
+    )]
+    NotCompiled,
+    #[error("CUDA device {ordinal} is not usable (no NVIDIA driver or GPU found?): {reason}")]
+    Unavailable { ordinal: usize, reason: String },
+}
+
+impl FromStr for DeviceChoice {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| DeviceError::Unknown(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = DeviceError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(value: DeviceChoice) -> Self {
+        value.to_string()
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(0) => write!(f, "cuda"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Checks that a CUDA device works before anything else touches it: burn panics on first use
+/// of a missing driver, which we turn into an error.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(ordinal: usize) -> Result<burn::backend::cuda::CudaDevice, DeviceError> {
+    use burn::prelude::*;
+    let device = burn::backend::cuda::CudaDevice::new(ordinal);
+    let probe = device.clone();
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(move || {
+        let t = Tensor::<Cuda, 1>::ones([4], &probe);
+        t.sum().into_scalar()
+    });
+    std::panic::set_hook(previous_hook);
+    match result {
+        Ok(sum) if (sum - 4.0).abs() < 1e-6 => Ok(device),
+        Ok(sum) => Err(DeviceError::Unavailable {
+            ordinal,
+            reason: format!("probe computed {sum} instead of 4"),
+        }),
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the backend panicked".into());
+            Err(DeviceError::Unavailable { ordinal, reason })
+        }
+    }
+}
+
+/// Runs `$body` with `$B` bound to the backend type and `$device` to its device.
+///
+/// ```ignore
+/// with_backend!(choice, B, device => embed::<B>(&device, args))
+/// ```
+#[macro_export]
+macro_rules! with_backend {
+    ($choice:expr, $B:ident, $device:ident => $body:expr) => {{
+        match $choice {
+            $crate::model::device::DeviceChoice::Cpu => {
+                type $B = $crate::model::device::Cpu;
+                let $device = burn::backend::flex::FlexDevice;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::model::device::DeviceChoice::Cuda(ordinal) => {
+                type $B = $crate::model::device::Cuda;
+                let $device = $crate::model::device::cuda_device(ordinal)?;
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            $crate::model::device::DeviceChoice::Cuda(_) => {
+                Err($crate::model::device::DeviceError::NotCompiled.into())
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!(
+            "cuda".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:2".parse::<DeviceChoice>().unwrap(),
+            DeviceChoice::Cuda(2)
+        );
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+    }
+}

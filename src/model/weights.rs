@@ -1,0 +1,363 @@
+//! Loading HuggingFace CLIP checkpoints (strict on the backbone) and saving/loading
+//! adapter-only checkpoints with metadata.
+//!
+//! Key mapping from HF to our modules (struct fields mirror HF keys, so only two rules):
+//! - `Linear` weights are transposed (`[out, in]` → `[in, out]`) by `PyTorchToBurnAdapter`.
+//! - `LayerNorm` `weight`/`bias` become `gamma`/`beta` (same adapter).
+//! - `*.position_ids` buffers are ignored; `logit_scale` is read separately.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::store::{
+    BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+};
+use serde::{Deserialize, Serialize};
+
+use super::clip::ClipModel;
+use super::config::{AdapterConfig, ClipConfig, ConfigError};
+
+/// Prefix of every adapter tensor key.
+pub const ADAPTER_PREFIX: &str = "adapter.";
+/// Metadata key holding the JSON [`AdapterMeta`] inside an adapter checkpoint.
+const META_KEY: &str = "rsitrd.adapter";
+
+/// Errors loading or saving weights. Messages name the file and the offending keys.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(
+        "no weights in {dir}: expected model.safetensors (or pytorch_model.bin) next to config.json"
+    )]
+    NoWeights { dir: PathBuf },
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("checkpoint {path} does not match the model: {details}")]
+    Mismatch { path: PathBuf, details: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("adapter checkpoint {path} is not usable here: {reason}")]
+    IncompatibleAdapter { path: PathBuf, reason: String },
+}
+
+/// What identifies the backbone an adapter was trained on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseModel {
+    /// BLAKE3 of `config.json` and the weights file.
+    pub fingerprint: String,
+    /// Where it was loaded from (informational).
+    pub source: String,
+}
+
+/// A loaded backbone directory.
+pub struct LoadedClip<B: Backend> {
+    pub model: ClipModel<B>,
+    pub config: ClipConfig,
+    /// `logit_scale` of the checkpoint (log of the inverse temperature).
+    pub logit_scale: f32,
+    pub base: BaseModel,
+}
+
+/// Metadata stored in every adapter checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterMeta {
+    pub adapter: AdapterConfig,
+    /// Fingerprint of the backbone it was trained on.
+    pub base_model: String,
+    /// Monotonic adapter version (0 = untrained).
+    pub version: u64,
+    /// Version it was trained from, if any.
+    pub parent: Option<u64>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// Evaluation metrics (`mr`, `i2t_r1`, …) and training figures.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+fn read_error(path: &Path, reason: impl ToString) -> WeightsError {
+    WeightsError::Read {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+/// BLAKE3 over `config.json` and the weights file.
+fn fingerprint(config: &Path, weights: &Path) -> Result<String, WeightsError> {
+    let mut hasher = blake3::Hasher::new();
+    let config_bytes = std::fs::read(config).map_err(|e| read_error(config, e))?;
+    hasher.update(&config_bytes);
+    hasher
+        .update_mmap_rayon(weights)
+        .map_err(|e| read_error(weights, e))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Reads the 0-d `logit_scale` tensor from a safetensors file without loading the rest.
+fn read_logit_scale(path: &Path) -> Result<Option<f32>, WeightsError> {
+    let mut file = File::open(path).map_err(|e| read_error(path, e))?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length)
+        .map_err(|e| read_error(path, e))?;
+    let header_len = u64::from_le_bytes(length);
+    if header_len > 100 << 20 {
+        return Err(read_error(path, "safetensors header larger than 100 MiB"));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| read_error(path, e))?;
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| read_error(path, e))?;
+    let Some(entry) = header.get("logit_scale") else {
+        return Ok(None);
+    };
+    let dtype = entry["dtype"].as_str().unwrap_or_default();
+    let start = entry["data_offsets"][0].as_u64().unwrap_or_default();
+    let data_start = 8 + header_len + start;
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(data_start))
+        .map_err(|e| read_error(path, e))?;
+    let value = match dtype {
+        "F32" => {
+            let mut bytes = [0u8; 4];
+            file.read_exact(&mut bytes)
+                .map_err(|e| read_error(path, e))?;
+            f32::from_le_bytes(bytes)
+        }
+        other => {
+            return Err(read_error(
+                path,
+                format!("logit_scale has dtype {other}, F32 expected"),
+            ));
+        }
+    };
+    Ok(Some(value))
+}
+
+/// Loads `DIR/config.json` and `DIR/model.safetensors` (or `pytorch_model.bin`) into a CLIP
+/// with a fresh (zero-effect) adapter.
+///
+/// Strict on the backbone: a missing, unexpected or mis-shaped backbone tensor is an error
+/// listing the keys.
+pub fn load_clip<B: Backend>(
+    dir: &Path,
+    adapter: &AdapterConfig,
+    device: &B::Device,
+) -> Result<LoadedClip<B>, WeightsError> {
+    let config = ClipConfig::from_model_dir(dir)?;
+    adapter.validate_for(&config)?;
+    let mut model = config.init::<B>(adapter, device);
+    let safetensors = dir.join("model.safetensors");
+    let pickle = dir.join("pytorch_model.bin");
+    let (weights_path, result) = if safetensors.is_file() {
+        let mut store = SafetensorsStore::from_file(&safetensors)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .allow_partial(true)
+            .validate(false);
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| read_error(&safetensors, e))?;
+        (safetensors, result)
+    } else if pickle.is_file() {
+        let mut store = PytorchStore::from_file(&pickle)
+            .allow_partial(true)
+            .validate(false);
+        let result = model
+            .load_from(&mut store)
+            .map_err(|e| read_error(&pickle, e))?;
+        (pickle, result)
+    } else {
+        return Err(WeightsError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    };
+
+    let missing: Vec<&str> = result
+        .missing
+        .iter()
+        .map(|(path, _)| path.as_str())
+        .filter(|path| !path.starts_with(ADAPTER_PREFIX))
+        .collect();
+    // burn-store lists LayerNorm `weight`/`bias` as unused even when it applied them under
+    // their burn names `gamma`/`beta`: those are not unexpected.
+    let applied: std::collections::HashSet<&str> =
+        result.applied.iter().map(String::as_str).collect();
+    let applied_as_norm = |key: &str| {
+        let renamed = key
+            .strip_suffix(".weight")
+            .map(|stem| format!("{stem}.gamma"))
+            .or_else(|| key.strip_suffix(".bias").map(|stem| format!("{stem}.beta")));
+        renamed.is_some_and(|name| applied.contains(name.as_str()))
+    };
+    let unexpected: Vec<&str> = result
+        .unused
+        .iter()
+        .map(String::as_str)
+        .filter(|key| {
+            !key.ends_with("position_ids") && *key != "logit_scale" && !applied_as_norm(key)
+        })
+        .collect();
+    let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !errors.is_empty() {
+        let mut details = Vec::new();
+        if !missing.is_empty() {
+            details.push(format!("missing backbone tensors: {}", missing.join(", ")));
+        }
+        if !unexpected.is_empty() {
+            details.push(format!("unexpected tensors: {}", unexpected.join(", ")));
+        }
+        if !errors.is_empty() {
+            details.push(errors.join("; "));
+        }
+        return Err(WeightsError::Mismatch {
+            path: weights_path,
+            details: details.join("; "),
+        });
+    }
+    let logit_scale = if weights_path.extension().is_some_and(|e| e == "safetensors") {
+        read_logit_scale(&weights_path)?
+    } else {
+        None
+    }
+    .unwrap_or(config.logit_scale_init_value as f32);
+    let base = BaseModel {
+        fingerprint: fingerprint(&dir.join("config.json"), &weights_path)?,
+        source: dir.display().to_string(),
+    };
+    Ok(LoadedClip {
+        model,
+        config,
+        logit_scale,
+        base,
+    })
+}
+
+/// Reads only the metadata of an adapter checkpoint.
+pub fn read_adapter_meta(path: &Path) -> Result<AdapterMeta, WeightsError> {
+    let bytes = std::fs::read(path).map_err(|e| read_error(path, e))?;
+    let (_, metadata) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| read_error(path, e))?;
+    let json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|map| map.get(META_KEY))
+        .ok_or_else(|| WeightsError::IncompatibleAdapter {
+            path: path.to_path_buf(),
+            reason: format!("no `{META_KEY}` metadata: not an rsitrd adapter checkpoint"),
+        })?;
+    serde_json::from_str(json).map_err(|e| read_error(path, e))
+}
+
+/// Loads an adapter checkpoint into `model`, refusing one made for another backbone or with
+/// another adapter shape.
+pub fn load_adapter<B: Backend>(
+    model: &mut ClipModel<B>,
+    base: &BaseModel,
+    adapter: &AdapterConfig,
+    path: &Path,
+) -> Result<AdapterMeta, WeightsError> {
+    let meta = read_adapter_meta(path)?;
+    let incompatible = |reason: String| WeightsError::IncompatibleAdapter {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if meta.base_model != base.fingerprint {
+        return Err(incompatible(format!(
+            "it was trained on base model {} but the loaded backbone ({}) is {}",
+            short(&meta.base_model),
+            base.source,
+            short(&base.fingerprint)
+        )));
+    }
+    if meta.adapter.bottleneck != adapter.bottleneck
+        || meta.adapter.shared_width != adapter.shared_width
+    {
+        return Err(incompatible(format!(
+            "adapter shape bottleneck={} shared_width={} differs from the configured bottleneck={} shared_width={}",
+            meta.adapter.bottleneck,
+            meta.adapter.shared_width,
+            adapter.bottleneck,
+            adapter.shared_width
+        )));
+    }
+    let mut store = SafetensorsStore::from_file(path)
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .with_regex(r"^adapter\.")
+        .allow_partial(true)
+        .validate(false);
+    let result = model
+        .load_from(&mut store)
+        .map_err(|e| read_error(path, e))?;
+    let missing: Vec<&str> = result
+        .missing
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .filter(|p| p.starts_with(ADAPTER_PREFIX))
+        .collect();
+    if !missing.is_empty() || !result.errors.is_empty() || result.applied.is_empty() {
+        let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
+        return Err(incompatible(format!(
+            "missing adapter tensors [{}]; errors [{}]",
+            missing.join(", "),
+            errors.join("; ")
+        )));
+    }
+    Ok(meta)
+}
+
+/// Writes the adapter tensors of `model` (PyTorch layout) with `meta`, atomically:
+/// temp file → fsync → rename → fsync of the directory.
+pub fn save_adapter<B: Backend>(
+    model: &ClipModel<B>,
+    meta: &AdapterMeta,
+    path: &Path,
+) -> Result<(), WeightsError> {
+    let write_error = |source: std::io::Error| WeightsError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = serde_json::to_string(meta).expect("adapter metadata serializes");
+    // Collected in memory first, so the file only ever appears complete.
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_regex(r"^adapter\.")
+        .metadata(META_KEY, json);
+    model
+        .save_into(&mut store)
+        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
+    let bytes = store
+        .get_bytes()
+        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
+    write_atomically(path, &bytes).map_err(write_error)
+}
+
+/// Writes `bytes` to `path` via a temp file in the same directory, fsynced, then renamed.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    {
+        let mut file = File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temp, path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn short(fingerprint: &str) -> &str {
+    &fingerprint[..fingerprint.len().min(12)]
+}

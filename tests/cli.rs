@@ -1,0 +1,110 @@
+//! The command-line contracts other tools rely on (`params`, `embed`, device errors).
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixture, rs_mini_dir};
+
+fn rsitrd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rsitrd"))
+}
+
+#[test]
+fn params_of_vit_b32_config() {
+    let out = rsitrd()
+        .args(["params", "--json", "--model"])
+        .arg(fixture("vit-b-32"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["trainable"], 161_088);
+    assert_eq!(value["backbone"], 151_277_313);
+    assert_eq!(value["total"], 151_277_313 + 161_088);
+}
+
+#[test]
+fn embed_prints_normalized_lines_in_order() {
+    let image = rs_mini_dir().join("images/rsicd_00001.jpg");
+    let out = rsitrd()
+        .args(["embed", "--json", "--model"])
+        .arg(fixture("tiny-clip"))
+        .args(["--text", "a football field"])
+        .arg("--image")
+        .arg(&image)
+        .args(["--text", "a bridge over a river"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["text", "image", "text"]);
+    assert_eq!(lines[0]["input"], "a football field");
+    assert_eq!(lines[2]["input"], "a bridge over a river");
+    for line in &lines {
+        let embedding: Vec<f64> = serde_json::from_value(line["embedding"].clone()).unwrap();
+        assert_eq!(embedding.len(), 24);
+        let norm: f64 = embedding.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+}
+
+#[test]
+fn embed_of_a_corrupt_image_names_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let bad = temp.path().join("broken.jpg");
+    let good = std::fs::read(rs_mini_dir().join("images/rsicd_00002.jpg")).unwrap();
+    std::fs::write(&bad, &good[..good.len() / 3]).unwrap();
+    let out = rsitrd()
+        .args(["embed", "--model"])
+        .arg(fixture("tiny-clip"))
+        .arg("--image")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("broken.jpg"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    let out = rsitrd()
+        .args(["embed", "--device", "cuda", "--text", "x", "--model"])
+        .arg(fixture("tiny-clip"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn missing_model_dir_is_a_clear_error() {
+    let out = rsitrd()
+        .args(["embed", "--text", "x", "--model", "/nonexistent/model"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/model/config.json"),
+        "{stderr}"
+    );
+}

@@ -2,12 +2,14 @@
 //! PE-RSITR) fresh while new data streams in.
 //!
 //! # Layout
+//! - [`data`]: dataset formats (Karpathy JSON, AMFMN precomp), validation, image loading
 //! - [`model`]: CLIP towers, MRS-Adapter, HMMC loss, tokenizer, preprocessing, weights, devices
-//! - [`train`]: the adapter training step (frozen backbone, Adam) shared by every trainer
+//! - [`train`]: the adapter training step (frozen backbone, Adam) and the offline trainer
 //! - [`eval`]: R@K / mR with pessimistic ties
 //! - [`bench`]: embedding and training throughput measurements
 
 pub mod bench;
+pub mod data;
 pub mod eval;
 pub mod model;
 pub mod train;

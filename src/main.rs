@@ -7,11 +7,16 @@ use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use rsitrd::data::{Dataset, Split};
+use rsitrd::model::LossKind;
 use rsitrd::model::config::backbone_params;
 use rsitrd::model::device::DeviceChoice;
 use rsitrd::model::preprocess::{DEFAULT_MAX_PIXELS, decode_image, preprocess};
-use rsitrd::model::{AdapterConfig, ClipConfig, Embedder};
+use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, hub};
+use rsitrd::train::offline::{self, TrainConfig};
 use rsitrd::{bench, with_backend};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,8 +33,9 @@ struct Cli {
 enum Command {
     /// Print total and trainable parameter counts (reads only DIR/config.json).
     Params {
+        /// Model directory (HF layout) or hub id such as openai/clip-vit-base-patch32.
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Adapter bottleneck width (default: the paper's 64, smaller for tiny backbones).
         #[arg(long)]
         bottleneck: Option<usize>,
@@ -41,8 +47,10 @@ enum Command {
     },
     /// Embed images and captions; one JSON line per input, in the order given.
     Embed {
+        /// Model directory (HF layout) or hub id such as openai/clip-vit-base-patch32
+        /// (downloaded once into the cache).
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Adapter checkpoint (safetensors written by `rsitrd train`).
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -59,11 +67,79 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
         max_pixels: u64,
     },
+    /// Train the adapter on a dataset (the paper's recipe by default).
+    Train {
+        /// Model directory (HF layout) or hub id.
+        #[arg(long)]
+        model: String,
+        /// Karpathy JSON file, or AMFMN precomp directory.
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Directory the dataset's image file names are relative to.
+        #[arg(long)]
+        images: PathBuf,
+        /// Output directory (checkpoints, log, plot, resumable state).
+        #[arg(long)]
+        out: PathBuf,
+        /// Adapter checkpoint to continue from.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        #[arg(long, default_value_t = 30)]
+        epochs: usize,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 2e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.7)]
+        lr_decay: f64,
+        #[arg(long, default_value_t = 20)]
+        lr_decay_every: usize,
+        /// Held-out fraction of training images when the dataset has no val split.
+        #[arg(long, default_value_t = 0.2)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "hmmc")]
+        loss: LossKind,
+        /// Adapter bottleneck (default 64, smaller for tiny backbones).
+        #[arg(long)]
+        bottleneck: Option<usize>,
+        /// Width of the shared up layer (default 64).
+        #[arg(long)]
+        shared_width: Option<usize>,
+        /// Continue an interrupted run in --out.
+        #[arg(long)]
+        resume: bool,
+        #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
+    },
+    /// Evaluate retrieval (R@1/5/10 both ways, mR) on a dataset split.
+    Eval {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceChoice,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
+    },
     /// Time image/text embedding and adapter training on a device.
     Bench {
-        /// Model directory; without it, a random-weight model of --preset size.
+        /// Model directory or hub id; without it, a random-weight model of --preset size.
         #[arg(long)]
-        model: Option<PathBuf>,
+        model: Option<String>,
         /// Size of the random model when --model is absent.
         #[arg(long, default_value = "vit-b-32")]
         preset: String,
@@ -117,7 +193,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             bottleneck,
             shared_width,
             json,
-        } => params(&model, bottleneck, shared_width, json),
+        } => {
+            let dir = hub::resolve_model_files(&model, &["config.json"])?;
+            params(&dir, bottleneck, shared_width, json)
+        }
         Command::Embed {
             model,
             adapter,
@@ -129,7 +208,103 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         } => {
             let sub = matches.subcommand_matches("embed").expect("embed matches");
             let order = input_order(sub, images.len(), texts.len());
+            let model = hub::resolve_model(&model)?;
             with_backend!(device, B, device => embed::<B>(&device, &model, adapter.as_deref(), &images, &texts, &order, max_pixels))
+        }
+        Command::Train {
+            model,
+            dataset,
+            images,
+            out,
+            adapter,
+            device,
+            epochs,
+            batch_size,
+            lr,
+            lr_decay,
+            lr_decay_every,
+            val_fraction,
+            seed,
+            loss,
+            bottleneck,
+            shared_width,
+            resume,
+            max_pixels,
+        } => {
+            let model = hub::resolve_model(&model)?;
+            let clip = ClipConfig::from_model_dir(&model)?;
+            let base = match &adapter {
+                Some(path) => rsitrd::model::weights::read_adapter_meta(path)?.adapter,
+                None => AdapterConfig::default_for(&clip),
+            };
+            let adapter_config = with_overrides(base, bottleneck, shared_width, &clip)?;
+            if batch_size < 2 || epochs == 0 || !(0.0..1.0).contains(&val_fraction) || lr <= 0.0 {
+                bail!(
+                    "invalid training options: need --batch-size >= 2, --epochs >= 1, 0 <= --val-fraction < 1, --lr > 0"
+                );
+            }
+            let config = TrainConfig {
+                model,
+                dataset,
+                images,
+                out,
+                adapter,
+                adapter_config,
+                device: device.to_string(),
+                epochs,
+                batch_size,
+                lr,
+                lr_decay,
+                lr_decay_every,
+                val_fraction,
+                seed,
+                loss,
+                max_pixels,
+            };
+            let interrupt = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, interrupt.clone())?;
+            }
+            let outcome = with_backend!(device, B, device => {
+                offline::train::<Autodiff<B>>(&config, resume, &device, interrupt.clone()).map_err(anyhow::Error::from)
+            })?;
+            match outcome {
+                offline::Outcome::Finished {
+                    best_mr,
+                    best_epoch,
+                } => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"status": "finished", "best_val_mr": best_mr, "best_epoch": best_epoch,
+                        "best": config.out.join("best.safetensors"), "last": config.out.join("last.safetensors")})
+                    );
+                    Ok(())
+                }
+                offline::Outcome::Interrupted { global_step } => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"status": "interrupted", "step": global_step})
+                    );
+                    std::process::exit(130);
+                }
+            }
+        }
+        Command::Eval {
+            model,
+            adapter,
+            dataset,
+            images,
+            split,
+            device,
+            json,
+            max_pixels,
+        } => {
+            let split = Split::parse(&split).ok_or_else(|| {
+                anyhow::anyhow!("unknown split `{split}` (expected train, val or test)")
+            })?;
+            let model = hub::resolve_model(&model)?;
+            let dataset = Dataset::load(&dataset, &images)?;
+            with_backend!(device, B, device => eval_command::<B>(&device, &model, adapter.as_deref(), &dataset, split, json, max_pixels))
         }
         Command::Bench {
             model,
@@ -160,6 +335,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 captions,
                 seed,
             };
+            let model = model.map(|spec| hub::resolve_model(&spec)).transpose()?;
             with_backend!(device, B, device => bench_command::<B>(&device, model.as_deref(), &preset, &options))
         }
     }
@@ -172,14 +348,12 @@ fn params(
     json: bool,
 ) -> Result<()> {
     let config = ClipConfig::from_model_dir(model)?;
-    let mut adapter = AdapterConfig::default_for(&config);
-    if let Some(width) = bottleneck {
-        adapter.bottleneck = width;
-    }
-    if let Some(width) = shared_width {
-        adapter.shared_width = width;
-    }
-    adapter.validate_for(&config)?;
+    let adapter = with_overrides(
+        AdapterConfig::default_for(&config),
+        bottleneck,
+        shared_width,
+        &config,
+    )?;
     let backbone = backbone_params(&config);
     let trainable = adapter.trainable_params(&config);
     let total = backbone + trainable;
@@ -196,6 +370,23 @@ fn params(
         println!("trainable  {trainable} ({percent:.3} % of the backbone)");
     }
     Ok(())
+}
+
+/// Applies `--bottleneck` / `--shared-width` and checks the adapter fits the backbone.
+fn with_overrides(
+    mut adapter: AdapterConfig,
+    bottleneck: Option<usize>,
+    shared_width: Option<usize>,
+    clip: &ClipConfig,
+) -> Result<AdapterConfig> {
+    if let Some(width) = bottleneck {
+        adapter.bottleneck = width;
+    }
+    if let Some(width) = shared_width {
+        adapter.shared_width = width;
+    }
+    adapter.validate_for(clip)?;
+    Ok(adapter)
 }
 
 /// Positions of `--image` and `--text` values on the command line, merged.
@@ -268,6 +459,44 @@ fn karpathy_captions(path: &Path) -> Result<Vec<String>> {
         .filter_map(|sentence| sentence["raw"].as_str().map(str::to_string))
         .collect();
     Ok(captions)
+}
+
+fn eval_command<B: Backend>(
+    device: &B::Device,
+    model: &Path,
+    adapter: Option<&Path>,
+    dataset: &Dataset,
+    split: Split,
+    json: bool,
+    max_pixels: u64,
+) -> Result<()> {
+    let images = dataset.split(split);
+    if images.is_empty() {
+        bail!("the dataset has no `{split}` images");
+    }
+    let embedder = Embedder::<B>::load(model, adapter, device)?;
+    let metrics = rsitrd::eval::evaluate(&embedder, dataset, &images, max_pixels)?;
+    if json {
+        println!("{}", serde_json::to_string(&metrics)?);
+    } else {
+        println!(
+            "{split} split: {} images, {} captions (adapter version {})",
+            metrics.images,
+            metrics.captions,
+            embedder.adapter_version()
+        );
+        println!("            R@1     R@5     R@10");
+        println!(
+            "image→text  {:>6.2}  {:>6.2}  {:>6.2}",
+            metrics.i2t_r1, metrics.i2t_r5, metrics.i2t_r10
+        );
+        println!(
+            "text→image  {:>6.2}  {:>6.2}  {:>6.2}",
+            metrics.t2i_r1, metrics.t2i_r5, metrics.t2i_r10
+        );
+        println!("mR          {:>6.2}", metrics.mr);
+    }
+    Ok(())
 }
 
 fn bench_command<B: Backend>(

@@ -104,7 +104,7 @@ fn missing_model_dir_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("/nonexistent/model/config.json"),
+        stderr.contains("`/nonexistent/model` is neither a local directory"),
         "{stderr}"
     );
 }

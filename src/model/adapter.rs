@@ -6,6 +6,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
 
+use super::clip::linear_tokens;
 use super::config::{AdapterConfig, ClipConfig};
 
 /// Which tower the adapter is serving (selects the modality-specific projections).
@@ -74,14 +75,14 @@ impl<B: Backend> MrsAdapter<B> {
             Modality::Vision => (&self.visual_down, &self.visual_up),
             Modality::Text => (&self.text_down, &self.text_up),
         };
-        let hidden = relu(down.forward(x)); // [batch, tokens, bottleneck]
+        let hidden = relu(linear_tokens(down, x)); // [batch, tokens, bottleneck]
         let hidden = if train {
             dropout(hidden, self.dropout)
         } else {
             hidden
         };
-        let specific = up.forward(hidden.clone()); // [batch, tokens, d_model - shared]
-        let shared = self.shared_up.forward(hidden); // [batch, tokens, shared]
+        let specific = linear_tokens(up, hidden.clone()); // [batch, tokens, d_model - shared]
+        let shared = linear_tokens(&self.shared_up, hidden); // [batch, tokens, shared]
         Tensor::cat(vec![specific, shared], 2)
     }
 }

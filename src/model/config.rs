@@ -192,7 +192,10 @@ impl ClipConfig {
                 text.hidden_size, text.num_attention_heads
             ));
         }
-        if !vision.hidden_size.is_multiple_of(vision.num_attention_heads) {
+        if !vision
+            .hidden_size
+            .is_multiple_of(vision.num_attention_heads)
+        {
             return invalid(format!(
                 "vision_config.hidden_size {} is not divisible by num_attention_heads {}",
                 vision.hidden_size, vision.num_attention_heads

@@ -5,6 +5,7 @@ pub mod adapter;
 pub mod clip;
 pub mod config;
 pub mod device;
+pub mod hub;
 pub mod loss;
 pub mod preprocess;
 pub mod tokenizer;

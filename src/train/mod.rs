@@ -7,6 +7,8 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
+pub mod offline;
+
 use crate::model::{ClipModel, ForwardOptions, LossConfig, TokenBatch, l2_normalize};
 
 /// Embedding dropout of the augmented views (METHOD.md).
@@ -33,8 +35,8 @@ impl StepLosses {
 /// A CLIP whose backbone is frozen, its adapter and the Adam state.
 pub struct AdapterTrainer<B: AutodiffBackend> {
     /// `Some` except transiently inside [`AdapterTrainer::step`].
-    model: Option<ClipModel<B>>,
-    optimizer: OptimizerAdaptor<Adam, ClipModel<B>, B>,
+    pub(crate) model: Option<ClipModel<B>>,
+    pub(crate) optimizer: OptimizerAdaptor<Adam, ClipModel<B>, B>,
     pub loss: LossConfig,
     /// Embedding dropout of the augmented views.
     pub embedding_dropout: f64,

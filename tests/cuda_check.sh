@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with an NVIDIA GPU (run from the repository root):
+#   1. builds with --features cuda;
+#   2. embeds rs-mini images and captions with the tiny model on CPU and on CUDA and compares
+#      the normalized embeddings (max abs difference must be <= 1e-4);
+#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA.
+# Results go to $OUT (default ./cuda-check-out): cpu.jsonl, cuda.jsonl, compare.txt, bench-cuda.json.
+set -euo pipefail
+OUT="${OUT:-cuda-check-out}"
+mkdir -p "$OUT"
+export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-12080}"
+cargo build --release --features cuda
+BIN=target/release/rsitrd
+SHARED="${RSITRD_SHARED_DIR:-../shared}"
+args=(--model tests/fixtures/tiny-clip --json)
+for f in "$SHARED"/data/rs-mini/images/ucm_1.tif "$SHARED"/data/rs-mini/images/rsicd_00001.jpg "$SHARED"/data/rs-mini/images/sydney_1.tif; do
+  args+=(--image "$f")
+done
+args+=(--text "a football field surrounded by buildings" --text "some green trees are around a stadium with a baseball field .")
+"$BIN" embed --device cpu "${args[@]}" > "$OUT/cpu.jsonl"
+"$BIN" embed --device cuda "${args[@]}" > "$OUT/cuda.jsonl"
+python3 - "$OUT" <<'PY' | tee "$OUT/compare.txt"
+import json, sys
+out = sys.argv[1]
+cpu = [json.loads(l) for l in open(f"{out}/cpu.jsonl")]
+gpu = [json.loads(l) for l in open(f"{out}/cuda.jsonl")]
+worst = max(abs(a - b) for x, y in zip(cpu, gpu) for a, b in zip(x["embedding"], y["embedding"]))
+print(f"inputs {len(cpu)} max_abs_diff {worst:.3g}")
+sys.exit(0 if worst <= 1e-4 and len(cpu) == len(gpu) == 5 else 1)
+PY
+"$BIN" bench --device cuda --preset vit-b-32 --batch-size 16 --iterations 10 \
+  --captions "$SHARED/data/rs-mini/dataset.json" | tee "$OUT/bench-cuda.json"

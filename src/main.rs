@@ -149,8 +149,8 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = 3)]
         iterations: usize,
-        /// Comma-separated subset of image,text,train.
-        #[arg(long, default_value = "image,text,train")]
+        /// Comma-separated subset of image,text,train,ranking.
+        #[arg(long, default_value = "image,text,train,ranking")]
         only: String,
         /// Karpathy dataset whose captions are used as text inputs.
         #[arg(long)]
@@ -318,8 +318,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         } => {
             let parts: Vec<&str> = only.split(',').map(str::trim).collect();
             for part in &parts {
-                if !["image", "text", "train"].contains(part) {
-                    bail!("--only: unknown part `{part}` (expected image, text or train)");
+                if !["image", "text", "train", "ranking"].contains(part) {
+                    bail!("--only: unknown part `{part}` (expected image, text, train or ranking)");
                 }
             }
             let captions = match captions {
@@ -332,6 +332,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 image: parts.contains(&"image"),
                 text: parts.contains(&"text"),
                 train: parts.contains(&"train"),
+                ranking: parts.contains(&"ranking"),
                 captions,
                 seed,
             };

@@ -303,7 +303,9 @@ pub fn train<AB: AutodiffBackend>(
         )));
     }
 
-    // Model, starting adapter, and the parent version.
+    // Model, starting adapter, and the parent version. Seeded first: the fresh adapter's
+    // random down projections must be the same in a resumed run's first attempt.
+    AB::seed(device, config.seed);
     let LoadedClip {
         mut model,
         config: clip_config,

@@ -2,6 +2,7 @@
 //! PE-RSITR) fresh while new data streams in.
 //!
 //! # Layout
+//! - [`config`]: the configuration file, defaults and `RSITRD__SECTION__KEY` overrides
 //! - [`data`]: dataset formats (Karpathy JSON, AMFMN precomp), validation, image loading
 //! - [`model`]: CLIP towers, MRS-Adapter, HMMC loss, tokenizer, preprocessing, weights, devices
 //! - [`train`]: the adapter training step (frozen backbone, Adam) and the offline trainer
@@ -9,6 +10,7 @@
 //! - [`bench`]: embedding and training throughput measurements
 
 pub mod bench;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod model;

@@ -7,11 +7,12 @@ use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use rsitrd::config::Config;
 use rsitrd::data::{Dataset, Split};
 use rsitrd::model::LossKind;
 use rsitrd::model::config::backbone_params;
 use rsitrd::model::device::DeviceChoice;
-use rsitrd::model::preprocess::{DEFAULT_MAX_PIXELS, decode_image, preprocess};
+use rsitrd::model::preprocess::{decode_image, preprocess};
 use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, hub};
 use rsitrd::train::offline::{self, TrainConfig};
 use rsitrd::{bench, with_backend};
@@ -25,6 +26,10 @@ use std::sync::atomic::AtomicBool;
     about = "Remote-sensing image-text retrieval daemon (CLIP + MRS-Adapter)"
 )]
 struct Cli {
+    /// Configuration file (see config/rsitrd.toml); flags override it, and
+    /// RSITRD__SECTION__KEY environment variables override the file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,7 +40,7 @@ enum Command {
     Params {
         /// Model directory (HF layout) or hub id such as openai/clip-vit-base-patch32.
         #[arg(long)]
-        model: String,
+        model: Option<String>,
         /// Adapter bottleneck width (default: the paper's 64, smaller for tiny backbones).
         #[arg(long)]
         bottleneck: Option<usize>,
@@ -48,14 +53,15 @@ enum Command {
     /// Embed images and captions; one JSON line per input, in the order given.
     Embed {
         /// Model directory (HF layout) or hub id such as openai/clip-vit-base-patch32
-        /// (downloaded once into the cache).
+        /// (downloaded once into the cache). Default: model.dir of the configuration.
         #[arg(long)]
-        model: String,
+        model: Option<String>,
         /// Adapter checkpoint (safetensors written by `rsitrd train`).
         #[arg(long)]
         adapter: Option<PathBuf>,
-        #[arg(long, default_value = "cpu")]
-        device: DeviceChoice,
+        /// cpu, cuda or cuda:N. Default: model.device of the configuration.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
         #[arg(long = "image")]
         images: Vec<PathBuf>,
         #[arg(long = "text")]
@@ -64,14 +70,15 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Largest accepted image in pixels.
-        #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-        max_pixels: u64,
+        /// Largest accepted image in pixels. Default: model.max_pixels.
+        #[arg(long)]
+        max_pixels: Option<u64>,
     },
     /// Train the adapter on a dataset (the paper's recipe by default).
     Train {
-        /// Model directory (HF layout) or hub id.
+        /// Model directory (HF layout) or hub id. Default: model.dir of the configuration.
         #[arg(long)]
-        model: String,
+        model: Option<String>,
         /// Karpathy JSON file, or AMFMN precomp directory.
         #[arg(long)]
         dataset: PathBuf,
@@ -84,8 +91,9 @@ enum Command {
         /// Adapter checkpoint to continue from.
         #[arg(long)]
         adapter: Option<PathBuf>,
-        #[arg(long, default_value = "cpu")]
-        device: DeviceChoice,
+        /// cpu, cuda or cuda:N. Default: model.device of the configuration.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
         #[arg(long, default_value_t = 30)]
         epochs: usize,
         #[arg(long, default_value_t = 16)]
@@ -112,13 +120,15 @@ enum Command {
         /// Continue an interrupted run in --out.
         #[arg(long)]
         resume: bool,
-        #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-        max_pixels: u64,
+        /// Largest accepted image in pixels. Default: model.max_pixels.
+        #[arg(long)]
+        max_pixels: Option<u64>,
     },
     /// Evaluate retrieval (R@1/5/10 both ways, mR) on a dataset split.
     Eval {
+        /// Model directory (HF layout) or hub id. Default: model.dir of the configuration.
         #[arg(long)]
-        model: String,
+        model: Option<String>,
         #[arg(long)]
         adapter: Option<PathBuf>,
         #[arg(long)]
@@ -127,13 +137,15 @@ enum Command {
         images: PathBuf,
         #[arg(long, default_value = "test")]
         split: String,
-        #[arg(long, default_value = "cpu")]
-        device: DeviceChoice,
+        /// cpu, cuda or cuda:N. Default: model.device of the configuration.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-        max_pixels: u64,
+        /// Largest accepted image in pixels. Default: model.max_pixels.
+        #[arg(long)]
+        max_pixels: Option<u64>,
     },
     /// Time image/text embedding and adapter training on a device.
     Bench {
@@ -143,8 +155,9 @@ enum Command {
         /// Size of the random model when --model is absent.
         #[arg(long, default_value = "vit-b-32")]
         preset: String,
-        #[arg(long, default_value = "cpu")]
-        device: DeviceChoice,
+        /// cpu, cuda or cuda:N. Default: model.device of the configuration.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         #[arg(long, default_value_t = 3)]
@@ -187,6 +200,10 @@ fn init_tracing() {
 }
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    let config = Config::from_process(cli.config.as_deref())?;
+    let model_of = |model: Option<String>| model.unwrap_or_else(|| config.model.dir.clone());
+    let device_of = |device: Option<DeviceChoice>| device.unwrap_or(config.model.device);
+    let pixels_of = |max: Option<u64>| max.unwrap_or(config.model.max_pixels);
     match cli.command {
         Command::Params {
             model,
@@ -194,7 +211,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             shared_width,
             json,
         } => {
-            let dir = hub::resolve_model_files(&model, &["config.json"])?;
+            let dir = hub::resolve_model_files(&model_of(model), &["config.json"])?;
             params(&dir, bottleneck, shared_width, json)
         }
         Command::Embed {
@@ -208,8 +225,18 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         } => {
             let sub = matches.subcommand_matches("embed").expect("embed matches");
             let order = input_order(sub, images.len(), texts.len());
-            let model = hub::resolve_model(&model)?;
-            with_backend!(device, B, device => embed::<B>(&device, &model, adapter.as_deref(), &images, &texts, &order, max_pixels))
+            let model = hub::resolve_model(&model_of(model))?;
+            let adapter = adapter.or_else(|| config.model.adapter.clone());
+            let job = EmbedJob {
+                model: &model,
+                adapter: adapter.as_deref(),
+                images: &images,
+                texts: &texts,
+                order: &order,
+                max_pixels: pixels_of(max_pixels),
+                batch_size: config.model.embed_batch_size,
+            };
+            with_backend!(device_of(device), B, device => embed::<B>(&device, &job))
         }
         Command::Train {
             model,
@@ -231,7 +258,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             resume,
             max_pixels,
         } => {
-            let model = hub::resolve_model(&model)?;
+            let model = hub::resolve_model(&model_of(model))?;
+            let device = device_of(device);
+            let max_pixels = pixels_of(max_pixels);
             let clip = ClipConfig::from_model_dir(&model)?;
             let base = match &adapter {
                 Some(path) => rsitrd::model::weights::read_adapter_meta(path)?.adapter,
@@ -302,9 +331,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let split = Split::parse(&split).ok_or_else(|| {
                 anyhow::anyhow!("unknown split `{split}` (expected train, val or test)")
             })?;
-            let model = hub::resolve_model(&model)?;
+            let model = hub::resolve_model(&model_of(model))?;
+            let adapter = adapter.or_else(|| config.model.adapter.clone());
             let dataset = Dataset::load(&dataset, &images)?;
-            with_backend!(device, B, device => eval_command::<B>(&device, &model, adapter.as_deref(), &dataset, split, json, max_pixels))
+            let max_pixels = pixels_of(max_pixels);
+            with_backend!(device_of(device), B, device => eval_command::<B>(&device, &model, adapter.as_deref(), &dataset, split, json, max_pixels))
         }
         Command::Bench {
             model,
@@ -337,7 +368,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 seed,
             };
             let model = model.map(|spec| hub::resolve_model(&spec)).transpose()?;
-            with_backend!(device, B, device => bench_command::<B>(&device, model.as_deref(), &preset, &options))
+            with_backend!(device_of(device), B, device => bench_command::<B>(&device, model.as_deref(), &preset, &options))
         }
     }
 }
@@ -406,19 +437,33 @@ fn input_order(matches: &ArgMatches, images: usize, texts: usize) -> Vec<(bool, 
         .collect()
 }
 
-fn embed<B: Backend>(
-    device: &B::Device,
-    model: &Path,
-    adapter: Option<&Path>,
-    images: &[PathBuf],
-    texts: &[String],
-    order: &[(bool, usize)],
+/// The inputs of `rsitrd embed`.
+struct EmbedJob<'a> {
+    model: &'a Path,
+    adapter: Option<&'a Path>,
+    images: &'a [PathBuf],
+    texts: &'a [String],
+    /// (is_image, index) in command-line order.
+    order: &'a [(bool, usize)],
     max_pixels: u64,
-) -> Result<()> {
+    batch_size: usize,
+}
+
+fn embed<B: Backend>(device: &B::Device, job: &EmbedJob<'_>) -> Result<()> {
+    let EmbedJob {
+        model,
+        adapter,
+        images,
+        texts,
+        order,
+        max_pixels,
+        batch_size,
+    } = *job;
     if images.is_empty() && texts.is_empty() {
         bail!("nothing to embed: give at least one --image or --text");
     }
-    let embedder = Embedder::<B>::load(model, adapter, device)?;
+    let mut embedder = Embedder::<B>::load(model, adapter, device)?;
+    embedder.batch_size = batch_size;
     let size = embedder.image_size();
     let pixels: Vec<Vec<f32>> = images
         .iter()

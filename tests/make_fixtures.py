@@ -157,6 +157,13 @@ def main():
         model = build_model(name, spec, seed + 1)
         reference_embeddings(name, model, shared)
         print("wrote", name)
+    # The same gelu model as a PyTorch pickle checkpoint (`pytorch_model.bin`, the format of
+    # older hub repositories), to test that loading path.
+    bin_dir = FIXTURES / "tiny-clip-gelu-bin"
+    bin_dir.mkdir(exist_ok=True)
+    model = CLIPModel.from_pretrained(FIXTURES / "tiny-clip-gelu")
+    torch.save(model.state_dict(), bin_dir / "pytorch_model.bin")
+    (bin_dir / "config.json").write_text((FIXTURES / "tiny-clip-gelu" / "config.json").read_text())
     # One "# FILE" line per caption file, then one line per caption: FNV-1a-32 of its ids
     # (little-endian i32) in hex.
     lines = []

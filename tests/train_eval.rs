@@ -126,7 +126,7 @@ fn training_raises_mr_and_an_interrupted_run_resumes_identically() {
 
     // Same run, interrupted with SIGTERM part-way, then resumed.
     let resumed = temp.path().join("resumed");
-    let mut child = train_command(&resumed, EPOCHS)
+    let child = train_command(&resumed, EPOCHS)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

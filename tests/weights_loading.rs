@@ -134,3 +134,25 @@ fn missing_weights_file_is_explained() {
     let error = load_error(temp.path());
     assert!(error.contains("model.safetensors"), "{error}");
 }
+
+#[test]
+fn pytorch_pickle_checkpoint_loads_like_safetensors() {
+    use rsitrd::model::Embedder;
+    let device = Default::default();
+    let pickle = Embedder::<Flex>::load(&fixture("tiny-clip-gelu-bin"), None, &device).unwrap();
+    let safe = Embedder::<Flex>::load(&fixture("tiny-clip-gelu"), None, &device).unwrap();
+    let texts = [
+        "a baseball stadium",
+        "dense residential area with a railway",
+    ];
+    let (a, b) = (pickle.embed_texts(&texts), safe.embed_texts(&texts));
+    for (x, y) in a.iter().zip(&b) {
+        assert!(common::max_abs_diff(x, y) < 1e-6);
+    }
+    let pixels = vec![0.25f32; 3 * 64 * 64];
+    let (a, b) = (
+        pickle.embed_pixels(&[&pixels]),
+        safe.embed_pixels(&[&pixels]),
+    );
+    assert!(common::max_abs_diff(&a[0], &b[0]) < 1e-6);
+}

@@ -10,10 +10,7 @@ use burn::tensor::Distribution;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
-use crate::model::{
-    AdapterConfig, ClipConfig, ClipModel, ClipTokenizer, ForwardOptions, LossConfig, l2_normalize,
-    tokenizer,
-};
+use crate::model::{AdapterConfig, ClipConfig, ClipModel, ClipTokenizer, LossConfig, tokenizer};
 use crate::train::AdapterTrainer;
 
 /// What to measure.
@@ -84,9 +81,6 @@ pub fn run<AB: AutodiffBackend>(
     let size = config.vision_config.image_size;
     let patch = config.vision_config.patch_size;
     let patch_shape = |n: usize| [n, (size / patch) * (size / patch), 3 * patch * patch];
-    let pixels = |n: usize| -> Tensor<AB::InnerBackend, 3> {
-        Tensor::random(patch_shape(n), Distribution::Normal(0.0, 1.0), device)
-    };
     let iterations = options.iterations.max(1);
     let timed = |mut body: Box<dyn FnMut(usize) + '_>| -> f64 {
         body(0); // warm-up
@@ -113,22 +107,44 @@ pub fn run<AB: AutodiffBackend>(
 
     if options.image || options.text {
         use burn::module::AutodiffModule;
-        let inference = model.valid();
+        // The product's path: `Embedder` (sub-batches on all cores, captions by length).
+        let mut embedder = crate::model::Embedder::from_parts(
+            model.valid(),
+            config.clone(),
+            crate::model::BaseModel {
+                fingerprint: String::new(),
+                source: "bench".into(),
+            },
+            adapter.clone(),
+            None,
+            config.logit_scale_init_value as f32,
+            device,
+        );
+        embedder.batch_size = options.batch_size;
         if options.image {
-            let input = pixels(options.batch_size);
+            let images: Vec<Vec<f32>> = (0..options.batch_size)
+                .map(|_| {
+                    Tensor::<AB::InnerBackend, 1>::random(
+                        [3 * size * size],
+                        Distribution::Normal(0.0, 1.0),
+                        device,
+                    )
+                    .into_data()
+                    .to_vec::<f32>()
+                    .expect("f32")
+                })
+                .collect();
+            let refs: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
             let seconds = timed(Box::new(|_| {
-                let out = l2_normalize(
-                    inference.image_features(input.clone(), ForwardOptions::default()),
-                );
-                let _ = out.into_data();
+                let out = embedder.embed_pixels(&refs);
+                assert_eq!(out.len(), refs.len());
             }));
             report.image_embed_per_s = Some(per_second(seconds));
         }
         if options.text {
             let seconds = timed(Box::new(|iteration| {
-                let tokens = tokenizer.batch(&batch_captions(options, iteration));
-                let out = l2_normalize(inference.text_features(&tokens, ForwardOptions::default()));
-                let _ = out.into_data();
+                let out = embedder.embed_texts(&batch_captions(options, iteration));
+                assert_eq!(out.len(), options.batch_size);
             }));
             report.text_embed_per_s = Some(per_second(seconds));
         }

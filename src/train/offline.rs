@@ -612,7 +612,7 @@ fn save_state<AB: AutodiffBackend>(
 
 /// A two-panel SVG: mean training loss and validation mR per epoch.
 pub fn write_plot(path: &Path, history: &[EpochRecord]) -> Result<(), TrainError> {
-    let width = 720.0;
+    let width = 750.0;
     let height = 260.0;
     let panel = |title: &str, values: &[f64], x0: f64, color: &str| -> String {
         let (w, h, pad) = (330.0, 200.0, 30.0);

@@ -162,7 +162,7 @@ pub fn run<AB: AutodiffBackend>(
                 Distribution::Normal(0.0, 1.0),
                 device,
             );
-            let losses = trainer.step(input, &tokens, 2e-4);
+            let losses = trainer.step(input, &tokens, 2e-4, iteration as u64);
             assert!(losses.is_finite(), "non-finite loss in benchmark");
         }));
         report.train_pairs_per_s = Some(per_second(seconds));

@@ -158,9 +158,9 @@ fn hmmc_training_learns_and_keeps_the_backbone_frozen() {
     let mut rng = StdRng::seed_from_u64(7);
     let steps = 300;
     let mut losses = Vec::new();
-    for _ in 0..steps {
+    for index in 0..steps {
         let (pixels, tokens, _) = batch(&data, 16, &mut rng, size);
-        let step = trainer.step(pixels, &tokens, 5e-3);
+        let step = trainer.step(pixels, &tokens, 5e-3, index as u64);
         assert!(step.is_finite(), "{step:?}");
         losses.push(step.total);
     }
@@ -181,7 +181,7 @@ fn hmmc_training_learns_and_keeps_the_backbone_frozen() {
     let after = embedder_from(trainer.inference_model(), &config);
     let mr_after = train_mr(&after, &data);
     println!("loss {first:.3} -> {last:.3}; train mR {mr_before:.2} -> {mr_after:.2}");
-    // Measured (seeded, deterministic): loss 21.07 -> 13.41, train mR 28.33 (chance level) -> 73.15.
+    // Measured (seeded, deterministic): loss 21.09 -> 13.45, train mR 28.33 (chance level) -> 66.67.
     assert!(last < 0.75 * first, "loss {first} -> {last}");
     assert!(
         mr_after > mr_before + 25.0,
@@ -200,9 +200,9 @@ fn adapter_checkpoint_round_trips_and_is_refused_elsewhere() {
     let data = prepare("train", config.vision_config.image_size);
     let mut trainer = AdapterTrainer::new(loaded.model, LossConfig::default());
     let mut rng = StdRng::seed_from_u64(1);
-    for _ in 0..3 {
+    for index in 0..3 {
         let (pixels, tokens, _) = batch(&data, 8, &mut rng, config.vision_config.image_size);
-        trainer.step(pixels, &tokens, 1e-2);
+        trainer.step(pixels, &tokens, 1e-2, index);
     }
     let trained = trainer.inference_model();
     let temp = tempfile::tempdir().unwrap();

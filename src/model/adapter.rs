@@ -3,7 +3,6 @@
 use burn::module::Param;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
 
 use super::clip::linear_tokens;
@@ -69,17 +68,23 @@ impl<B: Backend> MrsAdapter<B> {
     /// Adapter output for the residual stream `x`.
     ///
     /// - `x`: `[batch, tokens, d_model]` (post-attention residual stream, no LayerNorm)
+    /// - `dropout_seed`: `Some(seed)` applies the bottleneck dropout (training) with masks
+    ///   drawn from `seed`; `None` is inference
     /// - returns `[batch, tokens, d_model]`
-    pub fn forward(&self, x: Tensor<B, 3>, modality: Modality, train: bool) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        modality: Modality,
+        dropout_seed: Option<u64>,
+    ) -> Tensor<B, 3> {
         let (down, up) = match modality {
             Modality::Vision => (&self.visual_down, &self.visual_up),
             Modality::Text => (&self.text_down, &self.text_up),
         };
         let hidden = relu(linear_tokens(down, x)); // [batch, tokens, bottleneck]
-        let hidden = if train {
-            dropout(hidden, self.dropout)
-        } else {
-            hidden
+        let hidden = match dropout_seed {
+            Some(seed) => dropout(hidden, self.dropout, seed),
+            None => hidden,
         };
         let specific = linear_tokens(up, hidden.clone()); // [batch, tokens, d_model - shared]
         let shared = linear_tokens(&self.shared_up, hidden); // [batch, tokens, shared]
@@ -88,11 +93,34 @@ impl<B: Backend> MrsAdapter<B> {
 }
 
 /// Inverted dropout with probability `prob` (identity when `prob` is 0).
-pub fn dropout<B: Backend, const D: usize>(input: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
+///
+/// The keep-mask is drawn on the host from an RNG seeded with `seed`, not from burn's
+/// process-global RNG: the masks of a training step are then a pure function of the step's
+/// seed, whatever order concurrent forward passes run in (seeded runs and `--resume` stay
+/// bit-reproducible).
+pub fn dropout<B: Backend, const D: usize>(
+    input: Tensor<B, D>,
+    prob: f64,
+    seed: u64,
+) -> Tensor<B, D> {
+    use rand::{Rng, SeedableRng};
     if prob <= 0.0 {
         return input;
     }
     let keep = 1.0 - prob;
-    let mask = input.random_like(Distribution::Bernoulli(keep));
-    input * mask * (1.0 / keep)
+    let scale = (1.0 / keep) as f32;
+    let shape = input.shape();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mask: Vec<f32> = (0..shape.num_elements())
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask =
+        Tensor::<B, D>::from_data(burn::tensor::TensorData::new(mask, shape), &input.device());
+    input * mask
 }

@@ -29,10 +29,27 @@ pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B
 /// Per-call switches of a forward pass. The default is inference.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ForwardOptions {
-    /// Apply the adapter's bottleneck dropout (training).
-    pub adapter_dropout: bool,
+    /// Training: `Some(seed)` turns on the adapter's bottleneck dropout (and the embedding
+    /// dropout below); every dropout site draws its mask from a seed derived from this one.
+    pub dropout_seed: Option<u64>,
     /// Embedding dropout for the "augmented" views (METHOD.md: 0.2); 0 disables it.
     pub embedding_dropout: f64,
+}
+
+impl ForwardOptions {
+    /// Seed of dropout site `site` (0 = embeddings, 1 + i = block i's adapter).
+    fn site_seed(&self, site: u64) -> Option<u64> {
+        self.dropout_seed.map(|seed| mix_seed(seed, site))
+    }
+}
+
+/// Mixes a seed with a counter (SplitMix64 finaliser): independent streams per step, view
+/// and dropout site.
+pub fn mix_seed(seed: u64, counter: u64) -> u64 {
+    let mut z = seed ^ counter.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Multi-head self-attention with HF's projection names.
@@ -155,12 +172,13 @@ impl<B: Backend> ClipEncoder<B> {
         causal: bool,
         options: ForwardOptions,
     ) -> Tensor<B, 3> {
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
             x = x.clone()
                 + layer
                     .self_attn
                     .forward(layer.layer_norm1.forward(x), causal);
-            let adapted = adapter.forward(x.clone(), modality, options.adapter_dropout);
+            let seed = options.site_seed(1 + index as u64);
+            let adapted = adapter.forward(x.clone(), modality, seed);
             x = x.clone() + layer.mlp.forward(layer.layer_norm2.forward(x)) + adapted;
         }
         x
@@ -222,8 +240,6 @@ pub struct ClipModel<B: Backend> {
     pub text_projection: Linear<B>,
     /// The only trainable part.
     pub adapter: MrsAdapter<B>,
-    /// Patch size of the vision tower.
-    pub patch_size: usize,
 }
 
 /// A batch of tokenized captions, ready for the text tower.
@@ -320,7 +336,6 @@ impl ClipConfig {
                 .with_bias(false)
                 .init(device),
             adapter: adapter.init(self, device),
-            patch_size: vision.patch_size,
         }
     }
 }
@@ -351,7 +366,10 @@ impl<B: Backend> ClipModel<B> {
         let tokens = Tensor::cat(vec![class, patches], 1); // [batch, patches + 1, d]
         let positions = embeddings.position_embedding.weight.val().unsqueeze::<3>(); // [1, patches + 1, d]
         let x = self.vision_model.pre_layrnorm.forward(tokens + positions);
-        let x = dropout(x, options.embedding_dropout);
+        let x = match options.site_seed(0) {
+            Some(seed) => dropout(x, options.embedding_dropout, seed),
+            None => x,
+        };
         let x =
             self.vision_model
                 .encoder
@@ -381,7 +399,11 @@ impl<B: Backend> ClipModel<B> {
             .val()
             .slice(0..seq_len)
             .unsqueeze::<3>(); // [1, seq, d]
-        let x = dropout(x + positions, options.embedding_dropout);
+        let x = x + positions;
+        let x = match options.site_seed(0) {
+            Some(seed) => dropout(x, options.embedding_dropout, seed),
+            None => x,
+        };
         let x = self
             .text_model
             .encoder
@@ -406,7 +428,6 @@ impl<B: Backend> ClipModel<B> {
             visual_projection: self.visual_projection.no_grad(),
             text_projection: self.text_projection.no_grad(),
             adapter: self.adapter,
-            patch_size: self.patch_size,
         }
     }
 }

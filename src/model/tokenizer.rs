@@ -38,16 +38,22 @@ impl ClipTokenizer {
         self.context_length
     }
 
+    /// BPE ids of the cleaned caption, without SOT/EOT and untruncated.
+    fn bpe(&self, text: &str) -> Vec<i32> {
+        let mut tokens = Vec::new();
+        self.inner.encode(&clean_text(text), &mut tokens);
+        tokens
+            .iter()
+            .map(|token| i32::from(token.to_u16()))
+            .collect()
+    }
+
     /// Token ids of one caption: `[SOT, …, EOT]`, at most `context_length` long. Longer
     /// captions are truncated and their last position replaced by EOT, as OpenAI's
     /// `clip.tokenize(truncate=True)` and open_clip's `tokenize` do.
     pub fn encode(&self, text: &str) -> Vec<i32> {
-        let cleaned = clean_text(text);
-        let mut tokens = Vec::new();
-        self.inner.encode(&cleaned, &mut tokens);
-        let mut ids = Vec::with_capacity(tokens.len().min(self.context_length) + 2);
-        ids.push(SOT_TOKEN);
-        ids.extend(tokens.iter().map(|token| i32::from(token.to_u16())));
+        let mut ids = vec![SOT_TOKEN];
+        ids.extend(self.bpe(text));
         ids.push(EOT_TOKEN);
         if ids.len() > self.context_length {
             ids.truncate(self.context_length);
@@ -58,10 +64,7 @@ impl ClipTokenizer {
 
     /// Whether `text` is longer than the context and will be truncated.
     pub fn is_truncated(&self, text: &str) -> bool {
-        let cleaned = clean_text(text);
-        let mut tokens = Vec::new();
-        self.inner.encode(&cleaned, &mut tokens);
-        tokens.len() + 2 > self.context_length
+        self.bpe(text).len() + 2 > self.context_length
     }
 
     /// Tokenizes a batch, padding with 0 to the longest caption.

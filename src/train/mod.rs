@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod offline;
 
+use crate::model::clip::mix_seed;
 use crate::model::{ClipModel, ForwardOptions, LossConfig, TokenBatch, l2_normalize};
 
 /// Embedding dropout of the augmented views (METHOD.md).
@@ -72,20 +73,28 @@ impl<B: AutodiffBackend> AdapterTrainer<B> {
     ///
     /// - `pixels`: `[n, patches, 3·p·p]` (see [`crate::model::pixel_tensor`]); `tokens`: `n`
     ///   captions.
-    pub fn step(&mut self, pixels: Tensor<B, 3>, tokens: &TokenBatch, lr: f64) -> StepLosses {
+    /// - `seed`: all dropout masks of the step derive from it (host RNGs, not burn's global
+    ///   one), so a step is reproducible bit for bit.
+    pub fn step(
+        &mut self,
+        pixels: Tensor<B, 3>,
+        tokens: &TokenBatch,
+        lr: f64,
+        seed: u64,
+    ) -> StepLosses {
         let model = self.model.take().expect("model present between steps");
-        let clean = ForwardOptions {
-            adapter_dropout: true,
-            embedding_dropout: 0.0,
+        // One dropout stream per view: clean and augmented, image and text.
+        let view = |index: u64, embedding_dropout: f64| ForwardOptions {
+            dropout_seed: Some(mix_seed(seed, index)),
+            embedding_dropout,
         };
-        let augmented = ForwardOptions {
-            adapter_dropout: true,
-            embedding_dropout: self.embedding_dropout,
-        };
-        let image = l2_normalize(model.image_features(pixels.clone(), clean));
-        let text = l2_normalize(model.text_features(tokens, clean));
-        let image_aug = l2_normalize(model.image_features(pixels, augmented));
-        let text_aug = l2_normalize(model.text_features(tokens, augmented));
+        // Sequential on purpose: run concurrently, the four passes register their autodiff
+        // nodes in a varying order, gradients then accumulate in a varying order, and a seeded
+        // run (or `--resume`) is no longer bit-reproducible.
+        let image = l2_normalize(model.image_features(pixels.clone(), view(0, 0.0)));
+        let image_aug = l2_normalize(model.image_features(pixels, view(1, self.embedding_dropout)));
+        let text = l2_normalize(model.text_features(tokens, view(2, 0.0)));
+        let text_aug = l2_normalize(model.text_features(tokens, view(3, self.embedding_dropout)));
         let terms = self.loss.hmmc(image, text, image_aug, text_aug);
         let scalar = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f32>();
         let losses = StepLosses {

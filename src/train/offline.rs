@@ -2,7 +2,7 @@
 //! selection, a JSONL log, a plot, and interruption-safe resumable state.
 //!
 //! Determinism: the data order of epoch `e` is a permutation seeded by `(seed, e)` and the
-//! dropout masks of step `s` come from the backend RNG reseeded with `(seed, s)`, so a run
+//! dropout masks of step `s` are drawn from host RNGs seeded by `(seed, s)`, so a run
 //! resumed from a saved state reaches the same adapter as an uninterrupted one (on CPU).
 
 use std::fs::File;
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, DatasetImage, Split, load_pixels};
 use crate::eval::{RetrievalMetrics, evaluate};
+use crate::model::clip::mix_seed;
 use crate::model::weights::{self, AdapterMeta, LoadedClip};
 use crate::model::{
     AdapterConfig, ClipTokenizer, Embedder, LossConfig, LossKind, TokenBatch, pixel_tensor,
@@ -167,14 +168,6 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Mixes a seed with a counter (SplitMix64), for per-epoch and per-step seeds.
-pub fn mix_seed(seed: u64, counter: u64) -> u64 {
-    let mut z = seed ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Training and validation images: the dataset's `val` split, else a seeded fraction of
@@ -451,8 +444,8 @@ pub fn train<AB: AutodiffBackend>(
             let batch = batch?;
             let refs: Vec<&[f32]> = batch.pixels.iter().map(Vec::as_slice).collect();
             let pixels = pixel_tensor::<AB>(&refs, image_size, patch_size, device);
-            AB::seed(device, mix_seed(config.seed, progress.global_step as u64));
-            let losses = trainer.step(pixels, &batch.tokens, lr);
+            let step_seed = mix_seed(config.seed, progress.global_step as u64);
+            let losses = trainer.step(pixels, &batch.tokens, lr, step_seed);
             if !losses.is_finite() {
                 return Err(TrainError::NonFinite {
                     step: progress.global_step,
@@ -527,13 +520,20 @@ pub fn train<AB: AutodiffBackend>(
             serde_json::json!({"kind": "epoch", "epoch": epoch, "lr": lr, "train_loss": record.train_loss,
                 "val": val, "seconds": seconds, "data_wait_fraction": record.data_wait_fraction}),
         )?;
-        tracing::info!(
-            epoch,
-            train_loss = record.train_loss,
-            val_mr = val.mr,
-            seconds,
-            "epoch done"
-        );
+        let report = || {
+            tracing::info!(
+                epoch,
+                train_loss = record.train_loss,
+                val_mr = val.mr,
+                seconds,
+                "epoch done"
+            )
+        };
+        match &bar {
+            // Printed above the bar instead of through it.
+            Some(bar) => bar.suspend(report),
+            None => report(),
+        }
         progress.history.push(record);
         progress.epoch += 1;
         progress.step_in_epoch = 0;

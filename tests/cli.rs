@@ -2,13 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{fixture, rs_mini_dir};
-
-fn rsitrd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rsitrd"))
-}
+use common::{fixture, json_lines, rs_mini_dir, rsitrd};
 
 #[test]
 fn params_of_vit_b32_config() {
@@ -31,25 +25,15 @@ fn params_of_vit_b32_config() {
 #[test]
 fn embed_prints_normalized_lines_in_order() {
     let image = rs_mini_dir().join("images/rsicd_00001.jpg");
-    let out = rsitrd()
-        .args(["embed", "--json", "--model"])
-        .arg(fixture("tiny-clip"))
-        .args(["--text", "a football field"])
-        .arg("--image")
-        .arg(&image)
-        .args(["--text", "a bridge over a river"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let lines = json_lines(
+        rsitrd()
+            .args(["embed", "--json", "--model"])
+            .arg(fixture("tiny-clip"))
+            .args(["--text", "a football field"])
+            .arg("--image")
+            .arg(&image)
+            .args(["--text", "a bridge over a river"]),
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let kinds: Vec<&str> = lines.iter().map(|l| l["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["text", "image", "text"]);
     assert_eq!(lines[0]["input"], "a football field");

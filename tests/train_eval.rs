@@ -8,11 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixture, rs_mini, rs_mini_dir};
-
-fn rsitrd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rsitrd"))
-}
+use common::{fixture, json_lines, rs_mini, rs_mini_dir, rsitrd};
 
 /// Train flags shared by the runs that must agree.
 fn train_command(out: &Path, epochs: usize) -> Command {
@@ -250,17 +246,7 @@ fn eval_agrees_with_an_independent_computation_from_embed() {
             owner.push(index);
         }
     }
-    let out = command.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&mut command);
     let vectors = |kind: &str| -> Vec<Vec<f64>> {
         lines
             .iter()

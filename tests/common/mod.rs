@@ -64,3 +64,23 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The `rsitrd` binary under test.
+pub fn rsitrd() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rsitrd"))
+}
+
+/// Runs `command`, asserts success (showing stderr otherwise) and parses stdout as JSON lines.
+pub fn json_lines(command: &mut std::process::Command) -> Vec<serde_json::Value> {
+    let out = command.output().expect("run rsitrd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}

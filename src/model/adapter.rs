@@ -103,17 +103,32 @@ pub fn dropout<B: Backend, const D: usize>(
     prob: f64,
     seed: u64,
 ) -> Tensor<B, D> {
+    dropout_rows_from(input, prob, seed, 0)
+}
+
+/// [`dropout`] on batch rows `first_row..` only (dimension 0); earlier rows pass unchanged.
+pub fn dropout_rows_from<B: Backend, const D: usize>(
+    input: Tensor<B, D>,
+    prob: f64,
+    seed: u64,
+    first_row: usize,
+) -> Tensor<B, D> {
     use rand::{Rng, SeedableRng};
-    if prob <= 0.0 {
+    let shape = input.shape();
+    let rows = input.dims()[0];
+    if prob <= 0.0 || first_row >= rows {
         return input;
     }
     let keep = 1.0 - prob;
     let scale = (1.0 / keep) as f32;
-    let shape = input.shape();
+    let total = shape.num_elements();
+    let untouched = total / rows * first_row;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mask: Vec<f32> = (0..shape.num_elements())
-        .map(|_| {
-            if rng.random::<f64>() < keep {
+    let mask: Vec<f32> = (0..total)
+        .map(|i| {
+            if i < untouched {
+                1.0
+            } else if rng.random::<f64>() < keep {
                 scale
             } else {
                 0.0

@@ -12,7 +12,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, TensorData};
 
-use super::adapter::{Modality, MrsAdapter, dropout};
+use super::adapter::{Modality, MrsAdapter, dropout_rows_from};
 use super::config::{AdapterConfig, ClipConfig, HiddenAct};
 
 /// Applies a `Linear` to `[batch, tokens, d_in]` as one `[batch·tokens, d_in]` matmul.
@@ -34,6 +34,9 @@ pub struct ForwardOptions {
     pub dropout_seed: Option<u64>,
     /// Embedding dropout for the "augmented" views (METHOD.md: 0.2); 0 disables it.
     pub embedding_dropout: f64,
+    /// Batch rows before this index skip the embedding dropout: a batch holding the clean
+    /// view then the augmented view of the same inputs runs as one forward pass.
+    pub embedding_dropout_from_row: usize,
 }
 
 impl ForwardOptions {
@@ -367,7 +370,12 @@ impl<B: Backend> ClipModel<B> {
         let positions = embeddings.position_embedding.weight.val().unsqueeze::<3>(); // [1, patches + 1, d]
         let x = self.vision_model.pre_layrnorm.forward(tokens + positions);
         let x = match options.site_seed(0) {
-            Some(seed) => dropout(x, options.embedding_dropout, seed),
+            Some(seed) => dropout_rows_from(
+                x,
+                options.embedding_dropout,
+                seed,
+                options.embedding_dropout_from_row,
+            ),
             None => x,
         };
         let x =
@@ -401,7 +409,12 @@ impl<B: Backend> ClipModel<B> {
             .unsqueeze::<3>(); // [1, seq, d]
         let x = x + positions;
         let x = match options.site_seed(0) {
-            Some(seed) => dropout(x, options.embedding_dropout, seed),
+            Some(seed) => dropout_rows_from(
+                x,
+                options.embedding_dropout,
+                seed,
+                options.embedding_dropout_from_row,
+            ),
             None => x,
         };
         let x = self

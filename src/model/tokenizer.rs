@@ -94,6 +94,19 @@ pub fn batch_from_ids(encoded: &[Vec<i32>]) -> TokenBatch {
     }
 }
 
+/// The batch followed by a copy of itself (`2n` rows).
+pub fn repeat_batch(batch: &TokenBatch) -> TokenBatch {
+    let mut ids = batch.ids.clone();
+    ids.extend_from_slice(&batch.ids);
+    let mut eot_positions = batch.eot_positions.clone();
+    eot_positions.extend_from_slice(&batch.eot_positions);
+    TokenBatch {
+        ids,
+        eot_positions,
+        seq_len: batch.seq_len,
+    }
+}
+
 /// open_clip's `whitespace_clean(basic_clean(text))`: the parts of `ftfy.fix_text` that
 /// change real captions (curly quotes straightened, ligatures and full-width forms
 /// unfolded), HTML entities unescaped, runs of whitespace collapsed, ends trimmed

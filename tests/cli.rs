@@ -2,19 +2,14 @@
 
 mod common;
 
-use common::{fixture, json_lines, rs_mini_dir, rsitrd};
+use common::{fixture, json_lines, rs_mini_dir, rsitrd, run_ok};
 
 #[test]
 fn params_of_vit_b32_config() {
-    let out = rsitrd()
-        .args(["params", "--json", "--model"])
-        .arg(fixture("vit-b-32"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        rsitrd()
+            .args(["params", "--json", "--model"])
+            .arg(fixture("vit-b-32")),
     );
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(value["trainable"], 161_088);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{fixture, json_lines, rs_mini, rs_mini_dir, rsitrd};
+use common::{fixture, json_lines, rs_mini, rs_mini_dir, rsitrd, run_ok};
 
 /// Train flags shared by the runs that must agree.
 fn train_command(out: &Path, epochs: usize) -> Command {
@@ -42,12 +42,7 @@ fn eval_json(adapter: Option<&Path>, split: &str) -> serde_json::Value {
     if let Some(adapter) = adapter {
         command.arg("--adapter").arg(adapter);
     }
-    let out = command.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut command);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -80,12 +75,7 @@ fn training_raises_mr_and_an_interrupted_run_resumes_identically() {
     const EPOCHS: usize = 15;
     let temp = tempfile::tempdir().unwrap();
     let straight = temp.path().join("straight");
-    let out = train_command(&straight, EPOCHS).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut train_command(&straight, EPOCHS));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["status"], "finished");
     for file in [
@@ -152,15 +142,7 @@ fn training_raises_mr_and_an_interrupted_run_resumes_identically() {
         String::from_utf8_lossy(&interrupted.stderr)
     );
     assert!(stdout.contains("\"interrupted\""), "{stdout}");
-    let out = train_command(&resumed, EPOCHS)
-        .arg("--resume")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(train_command(&resumed, EPOCHS).arg("--resume"));
     assert_eq!(
         tensors(&straight.join("last.safetensors")),
         tensors(&resumed.join("last.safetensors")),

@@ -44,6 +44,20 @@ impl ForwardOptions {
     fn site_seed(&self, site: u64) -> Option<u64> {
         self.dropout_seed.map(|seed| mix_seed(seed, site))
     }
+
+    /// The embedding dropout of the augmented views (both towers), on rows
+    /// `embedding_dropout_from_row..`; identity at inference.
+    fn embedding_dropout_on<B: Backend>(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self.site_seed(0) {
+            Some(seed) => dropout_rows_from(
+                x,
+                self.embedding_dropout,
+                seed,
+                self.embedding_dropout_from_row,
+            ),
+            None => x,
+        }
+    }
 }
 
 /// Mixes a seed with a counter (SplitMix64 finaliser): independent streams per step, view
@@ -369,15 +383,7 @@ impl<B: Backend> ClipModel<B> {
         let tokens = Tensor::cat(vec![class, patches], 1); // [batch, patches + 1, d]
         let positions = embeddings.position_embedding.weight.val().unsqueeze::<3>(); // [1, patches + 1, d]
         let x = self.vision_model.pre_layrnorm.forward(tokens + positions);
-        let x = match options.site_seed(0) {
-            Some(seed) => dropout_rows_from(
-                x,
-                options.embedding_dropout,
-                seed,
-                options.embedding_dropout_from_row,
-            ),
-            None => x,
-        };
+        let x = options.embedding_dropout_on(x);
         let x =
             self.vision_model
                 .encoder
@@ -408,15 +414,7 @@ impl<B: Backend> ClipModel<B> {
             .slice(0..seq_len)
             .unsqueeze::<3>(); // [1, seq, d]
         let x = x + positions;
-        let x = match options.site_seed(0) {
-            Some(seed) => dropout_rows_from(
-                x,
-                options.embedding_dropout,
-                seed,
-                options.embedding_dropout_from_row,
-            ),
-            None => x,
-        };
+        let x = options.embedding_dropout_on(x);
         let x = self
             .text_model
             .encoder

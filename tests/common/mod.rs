@@ -70,15 +70,20 @@ pub fn rsitrd() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_rsitrd"))
 }
 
-/// Runs `command`, asserts success (showing stderr otherwise) and parses stdout as JSON lines.
-pub fn json_lines(command: &mut std::process::Command) -> Vec<serde_json::Value> {
+/// Runs `command` and asserts it succeeded (showing its stderr otherwise).
+pub fn run_ok(command: &mut std::process::Command) -> std::process::Output {
     let out = command.output().expect("run rsitrd");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
+    out
+}
+
+/// Runs `command`, asserts success and parses stdout as JSON lines.
+pub fn json_lines(command: &mut std::process::Command) -> Vec<serde_json::Value> {
+    String::from_utf8(run_ok(command).stdout)
         .expect("utf-8 output")
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))

@@ -1,8 +1,8 @@
 //! The configuration file (`config/rsitrd.toml`): built-in defaults, then the file, then
 //! environment overrides `RSITRD__SECTION__KEY`, validated once; errors name the key.
 //!
-//! Today it covers the model section, shared by every command; the daemon's sections (data,
-//! sources, index, training schedule, gate, HTTP) join it with the daemon.
+//! Sections: `[model]` (every command), `[store]` (the durable sample store), `[ingest]`
+//! (validation limits), `[inbox]` (the watched directory) and `[amqp]` (the RabbitMQ source).
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +36,261 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(default)]
     pub model: ModelSection,
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
+    pub ingest: IngestSection,
+    #[serde(default)]
+    pub inbox: InboxSection,
+    #[serde(default)]
+    pub amqp: AmqpSection,
+}
+
+/// `[store]`: where samples live and how they are split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Data directory: the store lives in `DIR/store` (ledger + image blobs).
+    #[serde(default = "default_data_dir")]
+    pub dir: PathBuf,
+    /// Fraction of samples held out as `val` (never trained on), by a seeded hash of the id.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Seed of the split hash.
+    #[serde(default = "default_split_seed")]
+    pub split_seed: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+fn default_val_fraction() -> f64 {
+    0.1
+}
+fn default_split_seed() -> u64 {
+    42
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            dir: default_data_dir(),
+            val_fraction: default_val_fraction(),
+            split_seed: default_split_seed(),
+        }
+    }
+}
+
+impl StoreSection {
+    /// The store directory inside the data directory.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+}
+
+/// `[ingest]`: what every source accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    /// Largest image file in bytes.
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: u64,
+    /// Most captions per sample.
+    #[serde(default = "default_max_captions")]
+    pub max_captions: usize,
+}
+
+fn default_max_image_bytes() -> u64 {
+    64 << 20
+}
+fn default_max_captions() -> usize {
+    100
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        Self {
+            max_image_bytes: default_max_image_bytes(),
+            max_captions: default_max_captions(),
+        }
+    }
+}
+
+/// What happens to an inbox pair once it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSuccess {
+    /// Move the files to `done_dir`.
+    Move,
+    /// Delete them.
+    Delete,
+}
+
+/// `[inbox]`: the watched directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboxSection {
+    /// Watch the inbox directory.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Directory producers rename `NAME.jpg` + `NAME.txt`/`NAME.json` into (subdirectories too).
+    #[serde(default = "default_inbox_dir")]
+    pub dir: PathBuf,
+    /// Where stored pairs go (`move`); default `DIR/done`.
+    #[serde(default)]
+    pub done_dir: Option<PathBuf>,
+    /// Where rejected files go, each with `NAME.error.txt`; default `DIR/rejected`.
+    #[serde(default)]
+    pub rejected_dir: Option<PathBuf>,
+    /// `move` or `delete`.
+    #[serde(default = "default_on_success")]
+    pub on_success: OnSuccess,
+    /// How long an image or caption file waits for its partner before it is rejected.
+    #[serde(default = "default_orphan_timeout", with = "humantime_serde_compat")]
+    pub orphan_timeout: std::time::Duration,
+    /// A file found without a close/rename event (e.g. while the daemon was down) is taken
+    /// once unmodified for this long.
+    #[serde(default = "default_settle", with = "humantime_serde_compat")]
+    pub settle: std::time::Duration,
+    /// Full rescan period (events are hints; the directory is the truth).
+    #[serde(default = "default_rescan_interval", with = "humantime_serde_compat")]
+    pub rescan_interval: std::time::Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_inbox_dir() -> PathBuf {
+    PathBuf::from("data/inbox")
+}
+fn default_on_success() -> OnSuccess {
+    OnSuccess::Move
+}
+fn default_orphan_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
+}
+fn default_settle() -> std::time::Duration {
+    std::time::Duration::from_secs(2)
+}
+fn default_rescan_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl Default for InboxSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: default_inbox_dir(),
+            done_dir: None,
+            rejected_dir: None,
+            on_success: default_on_success(),
+            orphan_timeout: default_orphan_timeout(),
+            settle: default_settle(),
+            rescan_interval: default_rescan_interval(),
+        }
+    }
+}
+
+impl InboxSection {
+    pub fn done_dir(&self) -> PathBuf {
+        self.done_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("done"))
+    }
+    pub fn rejected_dir(&self) -> PathBuf {
+        self.rejected_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join("rejected"))
+    }
+}
+
+/// `[amqp]`: the RabbitMQ source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSection {
+    /// Consume the queue (needs a reachable broker; off by default).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Broker URI; credentials may sit in it (`amqp://user:pass@host:5672/%2f`), or set
+    /// `RSITRD__AMQP__URI` from a secret.
+    #[serde(default = "default_amqp_uri")]
+    pub uri: String,
+    /// Durable quorum queue, declared if absent.
+    #[serde(default = "default_amqp_queue")]
+    pub queue: String,
+    /// Unacknowledged deliveries in flight (basic.qos prefetch).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Largest accepted message body in bytes.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+    /// Deliveries of one message before the broker dead-letters it itself (a message that
+    /// crashes the consumer every time cannot block the queue).
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde_compat")]
+    pub reconnect_max_backoff: std::time::Duration,
+}
+
+fn default_amqp_uri() -> String {
+    "amqp://127.0.0.1:5672/%2f".into()
+}
+fn default_amqp_queue() -> String {
+    "rsitrd.samples".into()
+}
+fn default_prefetch() -> u16 {
+    64
+}
+fn default_max_message_bytes() -> u64 {
+    32 << 20
+}
+fn default_delivery_limit() -> u32 {
+    20
+}
+fn default_reconnect_max() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl Default for AmqpSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            uri: default_amqp_uri(),
+            queue: default_amqp_queue(),
+            prefetch: default_prefetch(),
+            max_message_bytes: default_max_message_bytes(),
+            delivery_limit: default_delivery_limit(),
+            reconnect_max_backoff: default_reconnect_max(),
+        }
+    }
+}
+
+impl AmqpSection {
+    /// Exchange that rejected messages are published to, with their reason.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+    /// Queue bound to the dead-letter exchange.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+}
+
+/// Durations as humantime strings (`"30s"`, `"5m"`) in the file.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration `{text}`: {e}")))
+    }
 }
 
 /// `[model]`: which backbone and adapter, on which device.
@@ -158,6 +413,27 @@ impl Config {
         }
         if self.model.embed_batch_size == 0 {
             return Err("model.embed_batch_size must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.store.val_fraction) {
+            return Err("store.val_fraction must be in [0, 1)".into());
+        }
+        if self.ingest.max_image_bytes == 0 {
+            return Err("ingest.max_image_bytes must be positive".into());
+        }
+        if self.ingest.max_captions == 0 {
+            return Err("ingest.max_captions must be positive".into());
+        }
+        if self.amqp.prefetch == 0 {
+            return Err("amqp.prefetch must be positive".into());
+        }
+        if self.amqp.queue.trim().is_empty() {
+            return Err("amqp.queue must not be empty".into());
+        }
+        if self.amqp.max_message_bytes == 0 {
+            return Err("amqp.max_message_bytes must be positive".into());
+        }
+        if self.inbox.settle.is_zero() || self.inbox.rescan_interval.is_zero() {
+            return Err("inbox.settle and inbox.rescan_interval must be positive".into());
         }
         Ok(())
     }

@@ -6,6 +6,8 @@
 //! - [`data`]: dataset formats (Karpathy JSON, AMFMN precomp), validation, image loading
 //! - [`model`]: CLIP towers, MRS-Adapter, HMMC loss, tokenizer, preprocessing, weights, devices
 //! - [`train`]: the adapter training step (frozen backbone, Adam) and the offline trainer
+//! - [`store`]: the durable sample store (redb ledger + content-addressed blobs, group commit)
+//! - [`ingest`]: validation, the watched inbox, the AMQP source, import/publish backfills
 //! - [`eval`]: R@K / mR with pessimistic ties
 //! - [`bench`]: embedding and training throughput measurements
 
@@ -13,5 +15,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod ingest;
 pub mod model;
+pub mod store;
 pub mod train;

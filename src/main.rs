@@ -147,6 +147,31 @@ enum Command {
         #[arg(long)]
         max_pixels: Option<u64>,
     },
+    /// Run the ingestion sources (inbox directory, AMQP queue) into the store until SIGINT or
+    /// SIGTERM.
+    Ingest,
+    /// Publish a Karpathy dataset to the AMQP queue (persistent, publisher confirms).
+    Publish {
+        /// Karpathy JSON file (or AMFMN precomp directory).
+        #[arg(long)]
+        dataset: PathBuf,
+        /// Directory the dataset's image file names are relative to.
+        #[arg(long)]
+        images: PathBuf,
+    },
+    /// Validate a Karpathy dataset and write it straight into the store.
+    Import {
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+    },
+    /// Store counts (readable while the daemon runs).
+    Stats {
+        /// One JSON object (the default is one `key: value` per line).
+        #[arg(long)]
+        json: bool,
+    },
     /// Time image/text embedding and adapter training on a device.
     Bench {
         /// Model directory or hub id; without it, a random-weight model of --preset size.
@@ -337,6 +362,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let max_pixels = pixels_of(max_pixels);
             with_backend!(device_of(device), B, device => eval_command::<B>(&device, &model, adapter.as_deref(), &dataset, split, json, max_pixels))
         }
+        Command::Ingest => ingest_command(&config),
+        Command::Publish { dataset, images } => publish_command(&config, &dataset, &images),
+        Command::Import { dataset, images } => import_command(&config, &dataset, &images),
+        Command::Stats { json } => stats_command(&config, json),
         Command::Bench {
             model,
             preset,
@@ -370,6 +399,116 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let model = model.map(|spec| hub::resolve_model(&spec)).transpose()?;
             with_backend!(device_of(device), B, device => bench_command::<B>(&device, model.as_deref(), &preset, &options))
         }
+    }
+}
+
+fn open_store(config: &Config) -> Result<rsitrd::store::Store> {
+    let policy = rsitrd::store::SplitPolicy {
+        val_fraction: config.store.val_fraction,
+        seed: config.store.split_seed,
+    };
+    let dir = config.store.store_dir();
+    rsitrd::store::Store::open(&dir, policy)
+        .with_context(|| format!("cannot open the store in {}", dir.display()))
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Cancels `cancel` on the first SIGINT or SIGTERM.
+fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        cancel.cancel();
+    });
+    Ok(())
+}
+
+fn ingest_command(config: &Config) -> Result<()> {
+    let store = Arc::new(open_store(config)?);
+    tokio_runtime()?.block_on(async {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        cancel_on_signals(cancel.clone())?;
+        rsitrd::ingest::run(config, store, cancel).await?;
+        tracing::info!("ingestion stopped");
+        Ok(())
+    })
+}
+
+fn load_dataset(dataset: &Path, images: &Path) -> Result<Dataset> {
+    Dataset::load(dataset, images).map_err(|report| anyhow::anyhow!("{report}"))
+}
+
+fn publish_command(config: &Config, dataset: &Path, images: &Path) -> Result<()> {
+    let dataset = Arc::new(load_dataset(dataset, images)?);
+    let total = dataset.images.len();
+    let bar = progress_bar(total as u64, "publishing");
+    let published = tokio_runtime()?.block_on(rsitrd::ingest::amqp::publish_all(
+        &config.amqp,
+        rsitrd::ingest::import::dataset_messages(dataset),
+        || bar.inc(1),
+    ))?;
+    bar.finish_and_clear();
+    println!(
+        "{}",
+        serde_json::json!({"published": published, "queue": config.amqp.queue})
+    );
+    Ok(())
+}
+
+fn import_command(config: &Config, dataset: &Path, images: &Path) -> Result<()> {
+    let dataset = load_dataset(dataset, images)?;
+    let store = open_store(config)?;
+    let validator = rsitrd::ingest::Validator::from_config(config);
+    let bar = progress_bar(dataset.images.len() as u64, "importing");
+    let summary = rsitrd::ingest::import::import_dataset(&store, &validator, &dataset, |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn stats_command(config: &Config, json: bool) -> Result<()> {
+    let dir = config.store.store_dir();
+    let reader = rsitrd::store::StoreReader::open(&dir)
+        .with_context(|| format!("cannot read the store in {}", dir.display()))?;
+    let stats = reader.stats()?;
+    if json {
+        println!("{}", serde_json::to_string(&stats)?);
+    } else if let serde_json::Value::Object(map) = serde_json::to_value(&stats)? {
+        for (key, value) in map {
+            println!("{key}: {value}");
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, a hidden one otherwise (logs stay clean).
+fn progress_bar(length: u64, message: &'static str) -> indicatif::ProgressBar {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(length);
+        bar.set_message(message);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
     }
 }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with an NVIDIA GPU (run from the repository root):
-#   1. builds with --features cuda;
+#   1. builds with --features cuda (unless BIN names a binary built so);
 #   2. embeds rs-mini images and captions with the tiny model on CPU and on CUDA and compares
 #      the normalized embeddings (max abs difference must be <= 1e-4);
 #   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA.
@@ -9,8 +9,11 @@ set -euo pipefail
 OUT="${OUT:-cuda-check-out}"
 mkdir -p "$OUT"
 export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-12080}"
-cargo build --release --features cuda
-BIN=target/release/rsitrd
+# BIN: a binary already built with --features cuda (e.g. carried to a machine without cargo).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --features cuda
+  BIN=target/release/rsitrd
+fi
 SHARED="${RSITRD_SHARED_DIR:-../shared}"
 args=(--model tests/fixtures/tiny-clip --json)
 for f in "$SHARED"/data/rs-mini/images/ucm_1.tif "$SHARED"/data/rs-mini/images/rsicd_00001.jpg "$SHARED"/data/rs-mini/images/sydney_1.tif; do

@@ -1,0 +1,569 @@
+//! The AMQP source (`lapin`, RabbitMQ): a durable quorum queue with a dead-letter exchange,
+//! manual acks after the store commit is durable, bounded prefetch, reconnection with backoff.
+//!
+//! Topology (declared if absent): queue `Q` (quorum, `x-dead-letter-exchange = Q.dlx`,
+//! `x-delivery-limit`), fanout exchange `Q.dlx`, queue `Q.dead` bound to it. A rejected message
+//! is re-published to `Q.dlx` with the reason in the `x-rsitrd-reason` header (publisher
+//! confirm awaited), then acked. A message that keeps crashing the consumer is dead-lettered
+//! by the broker itself after `delivery_limit` deliveries.
+//!
+//! Delivery is at least once: after a crash or a broker restart unacked messages come again,
+//! and the store makes that harmless (sample ids are content hashes, rejects are keyed by the
+//! message body). A dead-lettered message can appear twice in `Q.dead` if the process dies
+//! between the dead-letter confirm and the ack.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{RejectKind, Rejection, Validator, report_reject, report_stored};
+use crate::config::AmqpSection;
+use crate::store::writer::{StoreWriter, WriteError};
+use crate::store::{NewSample, OpOutcome, SampleId, StoreOp};
+
+/// Source label of AMQP samples.
+pub const SOURCE: &str = "amqp";
+/// Header carrying the reject reason on dead-lettered messages.
+pub const REASON_HEADER: &str = "x-rsitrd-reason";
+/// Header carrying the reject kind (`image`, `captions`, `message`, `too_large`).
+pub const KIND_HEADER: &str = "x-rsitrd-kind";
+/// First pause before reconnecting; doubles up to `reconnect_max_backoff`.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest pause between retries of a transiently failing store commit.
+const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
+/// Publishes awaiting their confirm in `rsitrd publish` (bounds memory, keeps the pipe full).
+const PUBLISH_WINDOW: usize = 256;
+
+/// Why the AMQP source or publisher failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("amqp {action}: {source}")]
+    Broker {
+        action: &'static str,
+        source: lapin::Error,
+    },
+    #[error("the broker refused message {id} (publisher confirm nack)")]
+    Nacked { id: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the store writer stopped")]
+    StoreStopped,
+}
+
+fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
+    move |source| AmqpError::Broker { action, source }
+}
+
+/// The message format: `{"id"?, "image_b64", "captions": [...], "metadata"?: {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleMessage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub image_b64: String,
+    pub captions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Declares the queue, the dead-letter exchange and the dead-letter queue (idempotent).
+pub async fn declare_topology(channel: &Channel, config: &AmqpSection) -> Result<(), AmqpError> {
+    let dlx = config.dead_letter_exchange();
+    let dead = config.dead_letter_queue();
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker("declare the dead-letter exchange"))?;
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker("declare the dead-letter queue"))?;
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker("bind the dead-letter queue"))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(config.delivery_limit as i32),
+    );
+    channel
+        .queue_declare(
+            config.queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            arguments,
+        )
+        .await
+        .map_err(broker(
+            "declare the queue (if it exists with other arguments, delete it or use another name)",
+        ))?;
+    Ok(())
+}
+
+async fn connect(config: &AmqpSection) -> Result<Connection, AmqpError> {
+    let connecting = Connection::connect(&config.uri, ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(connection) => connection.map_err(broker("connect")),
+        Err(_) => Err(AmqpError::Broker {
+            action: "connect",
+            source: lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 10 s",
+            )),
+        }),
+    }
+}
+
+/// What the consumer's handlers share.
+struct Context {
+    config: AmqpSection,
+    validator: Arc<Validator>,
+    writer: StoreWriter,
+    cancel: CancellationToken,
+}
+
+/// Consumes the queue until `cancel` fires, reconnecting with backoff whenever the broker goes
+/// away. In-flight deliveries finish (commit, then ack) before it returns.
+pub async fn run_amqp(
+    config: AmqpSection,
+    validator: Arc<Validator>,
+    writer: StoreWriter,
+    cancel: CancellationToken,
+) {
+    let context = Arc::new(Context {
+        config,
+        validator,
+        writer,
+        cancel: cancel.clone(),
+    });
+    let mut backoff = INITIAL_BACKOFF;
+    while !cancel.is_cancelled() {
+        let started = Instant::now();
+        match session(&context).await {
+            Ok(()) => break,
+            Err(error) => {
+                metrics::counter!("rsitrd_amqp_reconnects_total").increment(1);
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = INITIAL_BACKOFF;
+                }
+                tracing::warn!(%error, retry_in = ?backoff, "amqp source down: reconnecting");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(context.config.reconnect_max_backoff);
+            }
+        }
+    }
+}
+
+/// One connection's life: returns `Ok` on cancellation, `Err` when the connection broke.
+async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
+    let config = &context.config;
+    let connection = connect(config).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(broker("open a channel"))?;
+    declare_topology(&channel, config).await?;
+    channel
+        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broker("set prefetch"))?;
+    let dead_letters = connection
+        .create_channel()
+        .await
+        .map_err(broker("open the dead-letter channel"))?;
+    dead_letters
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(broker("enable publisher confirms"))?;
+    let mut consumer = channel
+        .basic_consume(
+            config.queue.as_str().into(),
+            format!("rsitrd-{}", std::process::id()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker("consume"))?;
+    tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
+    let mut handlers = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            () = context.cancel.cancelled() => break Ok(()),
+            Some(finished) = handlers.join_next(), if !handlers.is_empty() => {
+                match finished {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => break Err(error),
+                    Err(panic) => tracing::error!(%panic, "delivery handler panicked"),
+                }
+            }
+            delivery = consumer.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    handlers.spawn(handle(context.clone(), dead_letters.clone(), delivery));
+                }
+                Some(Err(source)) => break Err(AmqpError::Broker { action: "receive", source }),
+                None => break Err(AmqpError::Broker {
+                    action: "receive",
+                    source: lapin::Error::from(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the consumer was cancelled by the broker",
+                    )),
+                }),
+            },
+        }
+    };
+    // Deliveries in flight finish: committed ones are acked, the others stay unacked and come
+    // back from the broker.
+    while handlers.join_next().await.is_some() {}
+    let _ = connection.close(200, "rsitrd stopping".into()).await;
+    result
+}
+
+/// Processes one delivery: validate, commit durably, then ack; or record, dead-letter, ack.
+async fn handle(
+    context: Arc<Context>,
+    dead_letters: Channel,
+    delivery: lapin::message::Delivery,
+) -> Result<(), AmqpError> {
+    let fallback_ref = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| format!("delivery {}", delivery.delivery_tag));
+    let checks = {
+        let context = context.clone();
+        let data = delivery.data.clone();
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.to_string());
+        let fallback_ref = fallback_ref.clone();
+        tokio::task::spawn_blocking(move || {
+            parse_and_validate(&context, &data, content_type.as_deref(), &fallback_ref)
+        })
+    };
+    let (source_ref, checked) = checks.await.unwrap_or_else(|panic| {
+        (
+            fallback_ref.clone(),
+            Err(Rejection::new(
+                RejectKind::Message,
+                format!("validation crashed: {panic}"),
+            )),
+        )
+    });
+    match checked {
+        Ok(sample) => {
+            let Some(outcome) =
+                commit_with_retry(&context, StoreOp::Sample(sample), &source_ref).await?
+            else {
+                return Ok(()); // cancelled: left unacked, the broker redelivers it
+            };
+            if let OpOutcome::Sample(outcome) = outcome {
+                report_stored(SOURCE, &source_ref, &outcome);
+            }
+        }
+        Err(rejection) => {
+            let key = SampleId(*blake3::hash(&delivery.data).as_bytes());
+            let record = rejection.record(key, SOURCE, &source_ref);
+            if commit_with_retry(&context, StoreOp::Reject(record), &source_ref)
+                .await?
+                .is_none()
+            {
+                return Ok(());
+            }
+            report_reject(SOURCE, &source_ref, &rejection);
+            dead_letter(&context.config, &dead_letters, &delivery, &rejection).await?;
+        }
+    }
+    // A failed ack (channel gone) means a redelivery, which the store absorbs.
+    delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .map_err(broker("ack"))?;
+    Ok(())
+}
+
+/// Commits, retrying transient store errors with backoff (the delivery stays unacked, so the
+/// broker's prefetch bound stops the flow meanwhile); `None` if cancelled first.
+async fn commit_with_retry(
+    context: &Context,
+    op: StoreOp,
+    source_ref: &str,
+) -> Result<Option<OpOutcome>, AmqpError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match context.writer.commit(op.clone()).await {
+            Ok(outcome) => return Ok(Some(outcome)),
+            Err(WriteError::Stopped) => return Err(AmqpError::StoreStopped),
+            Err(error) => {
+                tracing::warn!(input = source_ref, %error, retry_in = ?backoff, "store commit failed: retrying");
+                tokio::select! {
+                    () = context.cancel.cancelled() => return Ok(None),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_COMMIT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Re-publishes a rejected message to the dead-letter exchange with the reason, and waits for
+/// the broker's confirm.
+async fn dead_letter(
+    config: &AmqpSection,
+    channel: &Channel,
+    delivery: &lapin::message::Delivery,
+    rejection: &Rejection,
+) -> Result<(), AmqpError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        REASON_HEADER.into(),
+        AMQPValue::LongString(LongString::from(rejection.reason.as_str())),
+    );
+    headers.insert(
+        KIND_HEADER.into(),
+        AMQPValue::LongString(LongString::from(rejection.kind.as_str())),
+    );
+    headers.insert(
+        "x-rsitrd-queue".into(),
+        AMQPValue::LongString(LongString::from(config.queue.as_str())),
+    );
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    let confirm = channel
+        .basic_publish(
+            config.dead_letter_exchange().as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &delivery.data,
+            properties,
+        )
+        .await
+        .map_err(broker("dead-letter"))?
+        .await
+        .map_err(broker("dead-letter confirm"))?;
+    if confirm.is_nack() {
+        return Err(AmqpError::Nacked {
+            id: format!("dead letter of delivery {}", delivery.delivery_tag),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a message body; returns the producer's name for it and the sample or the reason.
+fn parse_and_validate(
+    context: &Context,
+    data: &[u8],
+    content_type: Option<&str>,
+    fallback_ref: &str,
+) -> (String, Result<NewSample, Rejection>) {
+    let max = context.config.max_message_bytes;
+    if data.len() as u64 > max {
+        return (
+            fallback_ref.into(),
+            Err(Rejection::new(
+                RejectKind::TooLarge,
+                format!(
+                    "message is {} bytes, more than amqp.max_message_bytes ({max})",
+                    data.len()
+                ),
+            )),
+        );
+    }
+    if let Some(content_type) = content_type {
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return (
+                fallback_ref.into(),
+                Err(Rejection::new(
+                    RejectKind::Message,
+                    format!("content type `{content_type}` is not application/json"),
+                )),
+            );
+        }
+    }
+    let message: SampleMessage = match serde_json::from_slice(data) {
+        Ok(message) => message,
+        Err(error) => {
+            return (
+                fallback_ref.into(),
+                Err(Rejection::new(
+                    RejectKind::Message,
+                    format!(
+                        "invalid message JSON: {error} (expected {{\"id\"?: str, \"image_b64\": str, \"captions\": [str], \"metadata\"?: {{...}}}})"
+                    ),
+                )),
+            );
+        }
+    };
+    let source_ref = message.id.clone().unwrap_or_else(|| fallback_ref.into());
+    let image = match base64::engine::general_purpose::STANDARD.decode(message.image_b64.trim()) {
+        Ok(image) => image,
+        Err(error) => {
+            return (
+                source_ref,
+                Err(Rejection::new(
+                    RejectKind::Message,
+                    format!("image_b64 is not valid base64: {error}"),
+                )),
+            );
+        }
+    };
+    let mut metadata = message.metadata.unwrap_or_default();
+    if let Some(id) = &message.id {
+        metadata
+            .entry("message_id")
+            .or_insert_with(|| serde_json::Value::String(id.clone()));
+    }
+    let result = context.validator.validate(
+        image,
+        message.captions,
+        metadata,
+        &SOURCE.to_string(),
+        &source_ref,
+    );
+    (source_ref, result)
+}
+
+/// Builds the JSON body of a sample message.
+pub fn encode_message(
+    id: &str,
+    image: &[u8],
+    captions: &[String],
+    metadata: serde_json::Map<String, serde_json::Value>,
+) -> Vec<u8> {
+    let message = SampleMessage {
+        id: Some(id.to_string()),
+        image_b64: base64::engine::general_purpose::STANDARD.encode(image),
+        captions: captions.to_vec(),
+        metadata: Some(metadata),
+    };
+    serde_json::to_vec(&message).expect("a message serializes")
+}
+
+/// Properties of a sample message: JSON, persistent, with its id.
+pub fn message_properties(id: &str) -> BasicProperties {
+    let id: String = id.chars().take(255).collect();
+    BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(truncate_utf8(&id, 255)))
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// One message for [`publish_all`].
+pub struct Outgoing {
+    pub id: String,
+    pub body: Vec<u8>,
+}
+
+/// Publishes messages to the configured queue with publisher confirms (a window of
+/// [`PUBLISH_WINDOW`] in flight); returns once every one is confirmed. `on_confirm` is
+/// called once per confirmed message.
+pub async fn publish_all(
+    config: &AmqpSection,
+    messages: impl Iterator<Item = Result<Outgoing, AmqpError>>,
+    mut on_confirm: impl FnMut(),
+) -> Result<usize, AmqpError> {
+    let connection = connect(config).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(broker("open a channel"))?;
+    declare_topology(&channel, config).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(broker("enable publisher confirms"))?;
+    let mut pending = std::collections::VecDeque::new();
+    let mut published = 0;
+    for message in messages {
+        let message = message?;
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                config.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &message.body,
+                message_properties(&message.id),
+            )
+            .await
+            .map_err(broker("publish"))?;
+        pending.push_back((message.id, confirm));
+        while pending.len() >= PUBLISH_WINDOW {
+            let (id, confirm) = pending.pop_front().expect("non-empty");
+            confirmed(id, confirm).await?;
+            published += 1;
+            on_confirm();
+        }
+    }
+    while let Some((id, confirm)) = pending.pop_front() {
+        confirmed(id, confirm).await?;
+        published += 1;
+        on_confirm();
+    }
+    let _ = connection.close(200, "published".into()).await;
+    Ok(published)
+}
+
+async fn confirmed(id: String, confirm: lapin::PublisherConfirm) -> Result<(), AmqpError> {
+    let confirmation = confirm.await.map_err(broker("publisher confirm"))?;
+    if confirmation.is_nack() {
+        return Err(AmqpError::Nacked { id });
+    }
+    Ok(())
+}

@@ -1,0 +1,814 @@
+//! The durable sample store, the single source of truth for ingested data: a `redb` ledger
+//! (samples, captions, metadata, split, source, arrival, rejects, counters) and a
+//! content-addressed blob directory (sample id = BLAKE3 of the image bytes).
+//!
+//! Durability: a batch writes its blobs temp → fsync → rename → fsync(dir) first, then commits
+//! the ledger in one transaction (redb `Durability::Immediate`, i.e. fsynced). Only after
+//! [`Store::commit_batch`] returns may a source acknowledge its deliveries. A crash between the
+//! two leaves an unreferenced blob that the next delivery of the same image reuses.
+//!
+//! The ledger opens in redb's single-writer mode: one process (the daemon) writes, and any
+//! number of others (`rsitrd stats`) may open it read-only at the same time.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::SeedableRng;
+use rand::seq::index;
+use rayon::prelude::*;
+use redb::{
+    Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
+    TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+
+pub mod writer;
+
+/// Sample id (BLAKE3 of the image bytes) → JSON [`SampleRecord`].
+const SAMPLES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("samples");
+/// Change sequence number → sample id; a sample appears once, under its latest change.
+const BY_SEQ: TableDefinition<u64, [u8; 32]> = TableDefinition::new("samples_by_seq");
+/// Hash of the rejected input → JSON [`RejectRecord`] (idempotent: a re-delivered reject
+/// counts once).
+const REJECTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("rejects");
+/// Named counters (see [`Stats`]).
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// Ledger file inside the store directory.
+const LEDGER_FILE: &str = "ledger.redb";
+/// Counter holding the last sequence number handed out.
+const SEQ_COUNTER: &str = "seq";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store i/o on {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot open the ledger {path}: {error}")]
+    Open {
+        path: PathBuf,
+        error: redb::DatabaseError,
+    },
+    #[error("ledger error: {0}")]
+    Ledger(String),
+    #[error("corrupt ledger record for {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("unknown sample {0}")]
+    UnknownSample(SampleId),
+}
+
+impl StoreError {
+    /// Whether trying the same write again later can succeed (disk full, I/O hiccup, another
+    /// writer holding the ledger). Sources keep such deliveries unacknowledged and retry.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Io { .. } | Self::Ledger(_) | Self::Open { .. })
+    }
+}
+
+fn ledger_error(error: impl fmt::Display) -> StoreError {
+    StoreError::Ledger(error.to_string())
+}
+
+/// A sample id: BLAKE3 of the image bytes, shown as 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleId(pub [u8; 32]);
+
+impl SampleId {
+    pub fn of_image(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    pub fn parse(hex: &str) -> Option<Self> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Self(out))
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for SampleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for SampleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SampleId({})", &self.to_hex()[..12])
+    }
+}
+
+impl Serialize for SampleId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for SampleId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(deserializer)?;
+        Self::parse(&hex).ok_or_else(|| serde::de::Error::custom("invalid sample id"))
+    }
+}
+
+/// Stable split of a sample: a seeded hash of its id decides, so evaluation never trains on
+/// its own held-out data, whatever order samples arrive in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleSplit {
+    Train,
+    Val,
+}
+
+impl SampleSplit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Val => "val",
+        }
+    }
+}
+
+/// How samples are assigned to splits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitPolicy {
+    /// Fraction of samples held out as `val`, in [0, 1).
+    pub val_fraction: f64,
+    /// Seed of the hash; changing it reshuffles future assignments (stored ones keep theirs).
+    pub seed: u64,
+}
+
+impl SplitPolicy {
+    pub fn split_of(&self, id: &SampleId) -> SampleSplit {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"rsitrd.split");
+        hasher.update(&self.seed.to_le_bytes());
+        hasher.update(&id.0);
+        let hash = hasher.finalize();
+        let head = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        // Uniform in [0, 1) with 53 bits of precision.
+        let unit = (head >> 11) as f64 / (1u64 << 53) as f64;
+        if unit < self.val_fraction {
+            SampleSplit::Val
+        } else {
+            SampleSplit::Train
+        }
+    }
+}
+
+/// Where a sample or reject came from (a label for counters and logs).
+pub type Source = String;
+
+/// One stored sample, as kept in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    pub id: SampleId,
+    /// Sequence number of the latest change (creation or caption merge).
+    pub seq: u64,
+    /// Sequence number of the creation.
+    pub created_seq: u64,
+    pub split: SampleSplit,
+    /// Source of the first delivery (`inbox`, `amqp`, `import`).
+    pub source: Source,
+    /// The producer's name for it (file path, message id).
+    pub source_ref: String,
+    /// Unix milliseconds of the first delivery.
+    pub arrived_ms: u64,
+    /// Unix milliseconds of the latest change.
+    pub updated_ms: u64,
+    /// Captions in arrival order, no exact duplicates.
+    pub captions: Vec<String>,
+    /// Producer metadata; later deliveries add keys, never overwrite.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// `jpeg`, `png` or `tiff`.
+    pub format: String,
+    pub width: u32,
+    pub height: u32,
+    /// Size of the image file in bytes.
+    pub bytes: u64,
+}
+
+/// A validated sample on its way into the store.
+#[derive(Debug, Clone)]
+pub struct NewSample {
+    pub image: Vec<u8>,
+    pub captions: Vec<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub source: Source,
+    pub source_ref: String,
+    pub format: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What committing a sample did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// A new image.
+    New { id: SampleId, split: SampleSplit },
+    /// A known image with captions not seen before, merged in.
+    Merged { id: SampleId, added: usize },
+    /// Nothing new: an exact re-delivery.
+    Duplicate { id: SampleId },
+}
+
+impl CommitOutcome {
+    pub fn id(&self) -> SampleId {
+        match *self {
+            Self::New { id, .. } | Self::Merged { id, .. } | Self::Duplicate { id } => id,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::New { .. } => "new",
+            Self::Merged { .. } => "merged",
+            Self::Duplicate { .. } => "duplicate",
+        }
+    }
+}
+
+/// A rejected input, with the reason given to its producer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectRecord {
+    /// Hash identifying the input (so a re-delivered reject is counted once).
+    pub key: SampleId,
+    pub source: Source,
+    /// File path or message id.
+    pub source_ref: String,
+    /// Short category (`image`, `captions`, `message`, `too_large`, `orphan`, `file`).
+    pub kind: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// What a source hands to the store in one group commit.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    Sample(NewSample),
+    Reject(RejectRecord),
+}
+
+/// Result of one [`StoreOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpOutcome {
+    Sample(CommitOutcome),
+    /// `true` if this reject was not recorded before.
+    Reject {
+        first_time: bool,
+    },
+}
+
+/// Counts read from the ledger (`rsitrd stats`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub samples: u64,
+    pub captions: u64,
+    pub train: u64,
+    pub val: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    /// Deliveries of known images that brought new captions.
+    pub merges: u64,
+    /// Samples by the source of their first delivery.
+    pub by_source: BTreeMap<String, u64>,
+    /// Rejects by kind (`image`, `captions`, `message`, …).
+    pub rejected_by_kind: BTreeMap<String, u64>,
+    /// Latest change sequence number (a cursor for [`Store::samples_since`]).
+    pub last_seq: u64,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The ledger and the blobs of one data directory.
+pub struct Store {
+    /// The store directory (`DATA_DIR/store`).
+    root: PathBuf,
+    db: Database,
+    policy: SplitPolicy,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `root`, as its only writer.
+    pub fn open(root: &Path, policy: SplitPolicy) -> Result<Self, StoreError> {
+        for dir in [root.to_path_buf(), root.join("blobs"), root.join("tmp")] {
+            std::fs::create_dir_all(&dir).map_err(|error| StoreError::Io {
+                path: dir.clone(),
+                error,
+            })?;
+        }
+        // Temp files of writes that never finished (crash mid-write).
+        if let Ok(entries) = std::fs::read_dir(root.join("tmp")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let path = root.join(LEDGER_FILE);
+        let db = Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(&path)
+            .map_err(|error| StoreError::Open {
+                path: path.clone(),
+                error,
+            })?;
+        let txn = db.begin_write().map_err(ledger_error)?;
+        {
+            txn.open_table(SAMPLES).map_err(ledger_error)?;
+            txn.open_table(BY_SEQ).map_err(ledger_error)?;
+            txn.open_table(REJECTS).map_err(ledger_error)?;
+            txn.open_table(COUNTERS).map_err(ledger_error)?;
+        }
+        txn.commit().map_err(ledger_error)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            db,
+            policy,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn policy(&self) -> SplitPolicy {
+        self.policy
+    }
+
+    /// Path of a sample's image bytes.
+    pub fn blob_path(&self, id: &SampleId) -> PathBuf {
+        blob_path(&self.root, id)
+    }
+
+    /// Commits samples and rejects in one durable transaction; the outcomes are in input order.
+    /// Blobs are made durable before the ledger commit.
+    pub fn commit_batch(&self, ops: &[StoreOp]) -> Result<Vec<OpOutcome>, StoreError> {
+        self.write_blobs(ops)?;
+        let txn = self.db.begin_write().map_err(ledger_error)?;
+        let mut outcomes = Vec::with_capacity(ops.len());
+        {
+            let mut samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+            let mut by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
+            let mut rejects = txn.open_table(REJECTS).map_err(ledger_error)?;
+            let mut counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
+            let mut deltas: BTreeMap<String, u64> = BTreeMap::new();
+            let mut seq = counter(&counters, SEQ_COUNTER)?;
+            let now = now_ms();
+            for op in ops {
+                match op {
+                    StoreOp::Sample(sample) => {
+                        let id = SampleId::of_image(&sample.image);
+                        let existing = match samples.get(id.0).map_err(ledger_error)? {
+                            Some(bytes) => Some(decode_record(&id, bytes.value())?),
+                            None => None,
+                        };
+                        let outcome = match existing {
+                            None => {
+                                seq += 1;
+                                let split = self.policy.split_of(&id);
+                                let captions = dedup_captions(&[], &sample.captions);
+                                let record = SampleRecord {
+                                    id,
+                                    seq,
+                                    created_seq: seq,
+                                    split,
+                                    source: sample.source.clone(),
+                                    source_ref: sample.source_ref.clone(),
+                                    arrived_ms: now,
+                                    updated_ms: now,
+                                    captions,
+                                    metadata: sample.metadata.clone(),
+                                    format: sample.format.clone(),
+                                    width: sample.width,
+                                    height: sample.height,
+                                    bytes: sample.image.len() as u64,
+                                };
+                                *deltas.entry("samples".into()).or_default() += 1;
+                                *deltas.entry("captions".into()).or_default() +=
+                                    record.captions.len() as u64;
+                                *deltas.entry(split.as_str().into()).or_default() += 1;
+                                *deltas
+                                    .entry(format!("source:{}", sample.source))
+                                    .or_default() += 1;
+                                put_record(&mut samples, &record)?;
+                                by_seq.insert(seq, id.0).map_err(ledger_error)?;
+                                CommitOutcome::New { id, split }
+                            }
+                            Some(mut record) => {
+                                let added = dedup_captions(&record.captions, &sample.captions);
+                                let mut changed = !added.is_empty();
+                                for (key, value) in &sample.metadata {
+                                    if !record.metadata.contains_key(key) {
+                                        record.metadata.insert(key.clone(), value.clone());
+                                        changed = true;
+                                    }
+                                }
+                                if changed {
+                                    by_seq.remove(record.seq).map_err(ledger_error)?;
+                                    seq += 1;
+                                    record.seq = seq;
+                                    record.updated_ms = now;
+                                    *deltas.entry("captions".into()).or_default() +=
+                                        added.len() as u64;
+                                    record.captions.extend(added.iter().cloned());
+                                    put_record(&mut samples, &record)?;
+                                    by_seq.insert(seq, id.0).map_err(ledger_error)?;
+                                }
+                                if added.is_empty() {
+                                    *deltas.entry("duplicates".into()).or_default() += 1;
+                                    CommitOutcome::Duplicate { id }
+                                } else {
+                                    *deltas.entry("merges".into()).or_default() += 1;
+                                    CommitOutcome::Merged {
+                                        id,
+                                        added: added.len(),
+                                    }
+                                }
+                            }
+                        };
+                        outcomes.push(OpOutcome::Sample(outcome));
+                    }
+                    StoreOp::Reject(reject) => {
+                        let known = rejects.get(reject.key.0).map_err(ledger_error)?.is_some();
+                        if !known {
+                            let bytes = serde_json::to_vec(reject).map_err(ledger_error)?;
+                            rejects
+                                .insert(reject.key.0, bytes.as_slice())
+                                .map_err(ledger_error)?;
+                            *deltas.entry("rejected".into()).or_default() += 1;
+                            *deltas.entry(format!("reject:{}", reject.kind)).or_default() += 1;
+                        }
+                        outcomes.push(OpOutcome::Reject { first_time: !known });
+                    }
+                }
+            }
+            deltas.insert(SEQ_COUNTER.into(), 0);
+            for (name, delta) in deltas {
+                let value = if name == SEQ_COUNTER {
+                    seq
+                } else {
+                    counter(&counters, &name)? + delta
+                };
+                counters
+                    .insert(name.as_str(), value)
+                    .map_err(ledger_error)?;
+            }
+        }
+        txn.commit().map_err(ledger_error)?;
+        Ok(outcomes)
+    }
+
+    /// Writes every blob of the batch that is not on disk yet: temp files written and fsynced
+    /// in parallel, renamed into place, then each touched shard directory fsynced once.
+    fn write_blobs(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let mut seen = HashSet::new();
+        let pending: Vec<(SampleId, &[u8])> = ops
+            .iter()
+            .filter_map(|op| match op {
+                StoreOp::Sample(sample) => Some(sample),
+                StoreOp::Reject(_) => None,
+            })
+            .map(|sample| (SampleId::of_image(&sample.image), sample.image.as_slice()))
+            .filter(|(id, _)| seen.insert(*id) && !self.blob_path(id).exists())
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let tmp_dir = self.root.join("tmp");
+        pending.par_iter().try_for_each(|(id, bytes)| {
+            let final_path = self.blob_path(id);
+            let shard = final_path
+                .parent()
+                .expect("blob path has a shard directory");
+            std::fs::create_dir_all(shard).map_err(|error| StoreError::Io {
+                path: shard.to_path_buf(),
+                error,
+            })?;
+            let temp = tmp_dir.join(format!("{}.{}", id.to_hex(), std::process::id()));
+            let io = |error| StoreError::Io {
+                path: temp.clone(),
+                error,
+            };
+            let mut file = File::create(&temp).map_err(io)?;
+            file.write_all(bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            drop(file);
+            std::fs::rename(&temp, &final_path).map_err(|error| StoreError::Io {
+                path: final_path.clone(),
+                error,
+            })
+        })?;
+        let shards: HashSet<PathBuf> = pending
+            .iter()
+            .filter_map(|(id, _)| self.blob_path(id).parent().map(Path::to_path_buf))
+            .collect();
+        for dir in shards.iter().chain([&self.root.join("blobs")]) {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Counts, for `rsitrd stats` and the status endpoint.
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        read_stats(&self.db)
+    }
+
+    /// A sample by id.
+    pub fn get(&self, id: &SampleId) -> Result<Option<SampleRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        match samples.get(id.0).map_err(ledger_error)? {
+            Some(bytes) => Ok(Some(decode_record(id, bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The image bytes of a sample.
+    pub fn read_image(&self, id: &SampleId) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(id);
+        std::fs::read(&path).map_err(|error| StoreError::Io { path, error })
+    }
+
+    /// Samples created or changed after `cursor` (a sequence number), oldest change first, at
+    /// most `limit`. Pass the last record's `seq` as the next cursor.
+    pub fn samples_since(
+        &self,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Vec<SampleRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
+        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let mut out = Vec::new();
+        for entry in by_seq.range(cursor + 1..).map_err(ledger_error)? {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, id) = entry.map_err(ledger_error)?;
+            let id = SampleId(id.value());
+            let bytes = samples
+                .get(id.0)
+                .map_err(ledger_error)?
+                .ok_or(StoreError::UnknownSample(id))?;
+            out.push(decode_record(&id, bytes.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A seeded uniform sample of up to `count` samples of `split` created at or before
+    /// `created_at_or_before` (the replay set for continual training).
+    pub fn replay_sample(
+        &self,
+        split: SampleSplit,
+        created_at_or_before: u64,
+        count: usize,
+        seed: u64,
+    ) -> Result<Vec<SampleRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let mut candidates = Vec::new();
+        for entry in samples.iter().map_err(ledger_error)? {
+            let (key, bytes) = entry.map_err(ledger_error)?;
+            let id = SampleId(key.value());
+            let record = decode_record(&id, bytes.value())?;
+            if record.split == split && record.created_seq <= created_at_or_before {
+                candidates.push(record);
+            }
+        }
+        // Ledger order is by id, a hash: stable whatever the arrival order.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let count = count.min(candidates.len());
+        let mut chosen: Vec<usize> = index::sample(&mut rng, candidates.len(), count).into_vec();
+        chosen.sort_unstable();
+        Ok(chosen.into_iter().map(|i| candidates[i].clone()).collect())
+    }
+
+    /// Every sample of a split, in id order.
+    pub fn samples_in(&self, split: Option<SampleSplit>) -> Result<Vec<SampleRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let mut out = Vec::new();
+        for entry in samples.iter().map_err(ledger_error)? {
+            let (key, bytes) = entry.map_err(ledger_error)?;
+            let id = SampleId(key.value());
+            let record = decode_record(&id, bytes.value())?;
+            if split.is_none_or(|split| record.split == split) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every recorded reject, in key order.
+    pub fn rejects(&self) -> Result<Vec<RejectRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let rejects = txn.open_table(REJECTS).map_err(ledger_error)?;
+        let mut out = Vec::new();
+        for entry in rejects.iter().map_err(ledger_error)? {
+            let (key, bytes) = entry.map_err(ledger_error)?;
+            let record =
+                serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
+                    what: format!("reject {}", SampleId(key.value())),
+                    reason: e.to_string(),
+                })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+/// Read-only view of a store another process writes (`rsitrd stats` beside the daemon).
+pub enum StoreReader {
+    /// The ledger, opened read-only beside its writer.
+    Ledger(ReadOnlyDatabase),
+    /// The ledger after repairing it: the last writer died without closing it and none runs.
+    Repaired(Box<Store>),
+    /// No store in this directory yet.
+    Empty,
+}
+
+impl StoreReader {
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let path = root.join(LEDGER_FILE);
+        if !path.exists() {
+            tracing::warn!(store = %root.display(), "no store here yet: nothing ingested (is store.dir right?)");
+            return Ok(Self::Empty);
+        }
+        match Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(&path)
+        {
+            Ok(db) => Ok(Self::Ledger(db)),
+            // A read-only handle cannot recover a ledger whose writer was killed; a live
+            // writer would have recovered it when it opened, so none runs: recover it here.
+            Err(redb::DatabaseError::RepairAborted) => {
+                tracing::info!(store = %root.display(), "the ledger was not closed cleanly: recovering it");
+                let policy = SplitPolicy {
+                    val_fraction: 0.0,
+                    seed: 0,
+                };
+                Ok(Self::Repaired(Box::new(Store::open(root, policy)?)))
+            }
+            Err(error) => Err(StoreError::Open { path, error }),
+        }
+    }
+
+    pub fn stats(&self) -> Result<Stats, StoreError> {
+        match self {
+            Self::Ledger(db) => read_stats(db),
+            Self::Repaired(store) => store.stats(),
+            Self::Empty => Ok(Stats::default()),
+        }
+    }
+}
+
+fn read_stats(db: &impl ReadableDatabase) -> Result<Stats, StoreError> {
+    let txn = db.begin_read().map_err(ledger_error)?;
+    let counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
+    let mut stats = Stats::default();
+    for entry in counters.iter().map_err(ledger_error)? {
+        let (name, value) = entry.map_err(ledger_error)?;
+        let (name, value) = (name.value().to_string(), value.value());
+        match name.as_str() {
+            "samples" => stats.samples = value,
+            "captions" => stats.captions = value,
+            "train" => stats.train = value,
+            "val" => stats.val = value,
+            "rejected" => stats.rejected = value,
+            "duplicates" => stats.duplicates = value,
+            "merges" => stats.merges = value,
+            SEQ_COUNTER => stats.last_seq = value,
+            other => {
+                if let Some(source) = other.strip_prefix("source:") {
+                    stats.by_source.insert(source.into(), value);
+                } else if let Some(kind) = other.strip_prefix("reject:") {
+                    stats.rejected_by_kind.insert(kind.into(), value);
+                }
+            }
+        }
+    }
+    Ok(stats)
+}
+
+fn blob_path(root: &Path, id: &SampleId) -> PathBuf {
+    let hex = id.to_hex();
+    root.join("blobs").join(&hex[..2]).join(hex)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|error| StoreError::Io {
+            path: dir.to_path_buf(),
+            error,
+        })
+}
+
+fn counter(table: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<u64, StoreError> {
+    Ok(table
+        .get(name)
+        .map_err(ledger_error)?
+        .map(|v| v.value())
+        .unwrap_or(0))
+}
+
+fn decode_record(id: &SampleId, bytes: &[u8]) -> Result<SampleRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: format!("sample {id}"),
+        reason: e.to_string(),
+    })
+}
+
+fn put_record(
+    table: &mut redb::Table<[u8; 32], &[u8]>,
+    record: &SampleRecord,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(record).map_err(ledger_error)?;
+    table
+        .insert(record.id.0, bytes.as_slice())
+        .map_err(ledger_error)?;
+    Ok(())
+}
+
+/// The captions of `incoming` that are not in `known` (nor repeated within `incoming`).
+fn dedup_captions(known: &[String], incoming: &[String]) -> Vec<String> {
+    let mut seen: HashSet<&str> = known.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for caption in incoming {
+        if seen.insert(caption.as_str()) {
+            out.push(caption.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_ids_round_trip_through_hex() {
+        let id = SampleId::of_image(b"abc");
+        assert_eq!(SampleId::parse(&id.to_hex()), Some(id));
+        assert_eq!(SampleId::parse("xyz"), None);
+    }
+
+    #[test]
+    fn split_is_a_stable_seeded_fraction() {
+        let policy = SplitPolicy {
+            val_fraction: 0.2,
+            seed: 7,
+        };
+        let ids: Vec<SampleId> = (0u32..5000)
+            .map(|i| SampleId::of_image(&i.to_le_bytes()))
+            .collect();
+        let val = ids
+            .iter()
+            .filter(|id| policy.split_of(id) == SampleSplit::Val)
+            .count();
+        assert!((900..1100).contains(&val), "{val} of 5000 held out");
+        let again = ids
+            .iter()
+            .filter(|id| policy.split_of(id) == SampleSplit::Val)
+            .count();
+        assert_eq!(val, again);
+        let other_seed = SplitPolicy { seed: 8, ..policy };
+        let differ = ids
+            .iter()
+            .filter(|id| policy.split_of(id) != other_seed.split_of(id))
+            .count();
+        assert!(differ > 500, "the seed must matter");
+        let none = SplitPolicy {
+            val_fraction: 0.0,
+            seed: 7,
+        };
+        assert!(ids.iter().all(|id| none.split_of(id) == SampleSplit::Train));
+    }
+
+    #[test]
+    fn caption_dedup_keeps_order_and_drops_known() {
+        let known = vec!["a".to_string(), "b".to_string()];
+        let incoming = vec!["b".into(), "c".into(), "c".into(), "d".into()];
+        assert_eq!(dedup_captions(&known, &incoming), vec!["c", "d"]);
+    }
+}

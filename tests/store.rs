@@ -1,0 +1,204 @@
+//! The durable store on a real directory: idempotent commits, caption merges, counters,
+//! cursors, replay sampling, persistence, and a read-only reader beside the writer.
+
+mod common;
+
+use rsitrd::store::{
+    CommitOutcome, NewSample, OpOutcome, SampleId, SampleSplit, SplitPolicy, Store, StoreOp,
+    StoreReader,
+};
+
+const POLICY: SplitPolicy = SplitPolicy {
+    val_fraction: 0.25,
+    seed: 3,
+};
+
+fn sample(seed: u32, captions: &[&str], source: &str) -> NewSample {
+    NewSample {
+        image: common::ingest::synthetic_png(seed, 8),
+        captions: captions.iter().map(|c| c.to_string()).collect(),
+        metadata: serde_json::Map::new(),
+        source: source.into(),
+        source_ref: format!("s{seed}"),
+        format: "png".into(),
+        width: 8,
+        height: 8,
+    }
+}
+
+fn commit(store: &Store, samples: Vec<NewSample>) -> Vec<CommitOutcome> {
+    let ops: Vec<StoreOp> = samples.into_iter().map(StoreOp::Sample).collect();
+    store
+        .commit_batch(&ops)
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            OpOutcome::Sample(o) => o,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn commits_are_idempotent_merge_captions_and_count() {
+    let temp = tempfile::tempdir().unwrap();
+    let store = Store::open(temp.path(), POLICY).unwrap();
+    let outcomes = commit(
+        &store,
+        vec![
+            sample(1, &["a", "b"], "amqp"),
+            sample(2, &["c"], "inbox"),
+            // The same image twice in one batch: the second is a duplicate.
+            sample(1, &["a", "b"], "amqp"),
+        ],
+    );
+    assert!(matches!(outcomes[0], CommitOutcome::New { .. }));
+    assert!(matches!(outcomes[1], CommitOutcome::New { .. }));
+    assert!(matches!(outcomes[2], CommitOutcome::Duplicate { .. }));
+    let merged = commit(&store, vec![sample(1, &["b", "d", "d"], "inbox")]);
+    assert_eq!(
+        merged[0],
+        CommitOutcome::Merged {
+            id: outcomes[0].id(),
+            added: 1
+        }
+    );
+
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.samples, 2);
+    assert_eq!(stats.captions, 4);
+    assert_eq!(stats.duplicates, 1);
+    assert_eq!(stats.merges, 1);
+    assert_eq!(stats.train + stats.val, 2);
+    assert_eq!(
+        stats.by_source["amqp"], 1,
+        "the first delivery's source counts"
+    );
+    assert_eq!(stats.by_source["inbox"], 1);
+
+    let record = store.get(&outcomes[0].id()).unwrap().unwrap();
+    assert_eq!(record.captions, vec!["a", "b", "d"]);
+    assert_eq!(record.split, POLICY.split_of(&record.id));
+    assert_eq!(
+        store.read_image(&record.id).unwrap(),
+        common::ingest::synthetic_png(1, 8)
+    );
+    assert_eq!(
+        record.id,
+        SampleId::of_image(&common::ingest::synthetic_png(1, 8))
+    );
+
+    // Rejects count once per input key.
+    let reject = rsitrd::store::RejectRecord {
+        key: SampleId::of_image(b"bad"),
+        source: "amqp".into(),
+        source_ref: "m1".into(),
+        kind: "message".into(),
+        reason: "broken".into(),
+        at_ms: 0,
+    };
+    let first = store
+        .commit_batch(&[StoreOp::Reject(reject.clone())])
+        .unwrap();
+    let again = store.commit_batch(&[StoreOp::Reject(reject)]).unwrap();
+    assert_eq!(first, vec![OpOutcome::Reject { first_time: true }]);
+    assert_eq!(again, vec![OpOutcome::Reject { first_time: false }]);
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.rejected, 1);
+    assert_eq!(stats.rejected_by_kind["message"], 1);
+    assert_eq!(store.rejects().unwrap().len(), 1);
+}
+
+#[test]
+fn cursor_replay_and_reopen() {
+    let temp = tempfile::tempdir().unwrap();
+    let ids: Vec<SampleId>;
+    {
+        let store = Store::open(temp.path(), POLICY).unwrap();
+        let outcomes = commit(
+            &store,
+            (0..40).map(|i| sample(100 + i, &["x"], "import")).collect(),
+        );
+        ids = outcomes.iter().map(CommitOutcome::id).collect();
+        // Cursor pages in arrival order.
+        let first = store.samples_since(0, 15).unwrap();
+        let rest = store.samples_since(first.last().unwrap().seq, 100).unwrap();
+        let seen: Vec<SampleId> = first.iter().chain(&rest).map(|r| r.id).collect();
+        assert_eq!(seen, ids);
+        let cursor = rest.last().unwrap().seq;
+        assert!(store.samples_since(cursor, 10).unwrap().is_empty());
+        // A merge moves the sample past the cursor, once.
+        commit(&store, vec![sample(105, &["new caption"], "import")]);
+        let changed = store.samples_since(cursor, 10).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].id, ids[5]);
+        assert_eq!(
+            store.samples_since(0, 100).unwrap().len(),
+            40,
+            "each sample listed once"
+        );
+
+        // Replay: seeded, only train samples created up to the bound.
+        let bound = store.get(&ids[29]).unwrap().unwrap().created_seq;
+        let replay = store
+            .replay_sample(SampleSplit::Train, bound, 8, 11)
+            .unwrap();
+        assert_eq!(
+            replay,
+            store
+                .replay_sample(SampleSplit::Train, bound, 8, 11)
+                .unwrap()
+        );
+        assert_ne!(
+            replay.iter().map(|r| r.id).collect::<Vec<_>>(),
+            store
+                .replay_sample(SampleSplit::Train, bound, 8, 12)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(replay.len(), 8);
+        assert!(
+            replay
+                .iter()
+                .all(|r| r.split == SampleSplit::Train && r.created_seq <= bound)
+        );
+        let train_before = store
+            .samples_in(Some(SampleSplit::Train))
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.created_seq <= bound)
+            .count();
+        assert_eq!(
+            store
+                .replay_sample(SampleSplit::Train, bound, 1000, 1)
+                .unwrap()
+                .len(),
+            train_before
+        );
+
+        // A reader in another handle (as `rsitrd stats` beside the daemon) sees the commits.
+        let reader = StoreReader::open(temp.path()).unwrap();
+        assert_eq!(reader.stats().unwrap().samples, 40);
+    }
+    // Leftover temp file of a write that never finished is cleaned up on open.
+    std::fs::write(temp.path().join("tmp/deadbeef.123"), b"partial").unwrap();
+    let store = Store::open(temp.path(), POLICY).unwrap();
+    assert!(
+        std::fs::read_dir(temp.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.samples, 40);
+    assert_eq!(
+        stats.val,
+        store.samples_in(Some(SampleSplit::Val)).unwrap().len() as u64
+    );
+    assert!(stats.val > 0 && stats.train > stats.val, "{stats:?}");
+    for id in &ids {
+        assert!(store.get(id).unwrap().is_some());
+    }
+}

@@ -327,6 +327,7 @@ fn bad_messages_are_dead_lettered_with_reasons_and_valid_ones_stored_once() {
         "log lines name rejects"
     );
     ingest.stop();
+    assert_eq!(rt.block_on(queue_len(&connection, &queue)), 0, "all acked");
     rt.block_on(cleanup(&connection, &queue));
 }
 
@@ -403,10 +404,13 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
             stats["samples"] == valid.len() && stats["rejected"] == invalid.len()
         },
     );
-    wait_for(Duration::from_secs(10), "the queue drained", || {
-        rt.block_on(queue_len(&connection, &queue)) == 0
-    });
     ingest.stop();
+    // Unacked deliveries go back to the queue when the consumer leaves: empty means all acked.
+    assert_eq!(
+        rt.block_on(queue_len(&connection, &queue)),
+        0,
+        "queue empty after the stop"
+    );
     let stats = env.stats();
     assert_eq!(stats["samples"], valid.len(), "{stats}");
     assert_eq!(stats["captions"], expected_captions, "{stats}");
@@ -551,5 +555,57 @@ fn a_second_delivery_with_new_metadata_keeps_the_first_values() {
     assert_eq!(record.metadata["sensor"], "x");
     assert_eq!(record.source, "amqp");
     let connection = rt.block_on(common::ingest::broker());
+    rt.block_on(cleanup(&connection, &queue));
+}
+
+#[test]
+fn a_failing_store_keeps_the_message_unacked_and_retries_without_spinning() {
+    // Fault injection with the real store: its temp directory replaced by a file makes every
+    // blob write fail (as a full or broken disk would) until it is put back.
+    let temp = tempfile::tempdir().unwrap();
+    let queue = unique("fault");
+    let mut env = TestEnv::new(temp.path(), &queue);
+    env.amqp = true;
+    let mut ingest = env.start(&temp.path().join("ingest.log"));
+    let store_tmp = env.data.join("store/tmp");
+    wait_for(Duration::from_secs(30), "the store created", || {
+        store_tmp.is_dir()
+    });
+    std::fs::remove_dir(&store_tmp).unwrap();
+    std::fs::write(&store_tmp, b"not a directory").unwrap();
+    let rt = runtime();
+    let image = synthetic_png(77, 16);
+    rt.block_on(publish(
+        &queue,
+        &[("fault".into(), message(&image, &["a tile"]), None)],
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        env.stats()["samples"],
+        0,
+        "nothing stored while the disk fails"
+    );
+    assert!(ingest.alive());
+    let retries = ingest
+        .log_text()
+        .matches("store commit failed: retrying")
+        .count();
+    assert!(
+        (2..=8).contains(&retries),
+        "retried with backoff, not in a tight loop: {retries} attempts in 3 s"
+    );
+    std::fs::remove_file(&store_tmp).unwrap();
+    std::fs::create_dir(&store_tmp).unwrap();
+    wait_for(
+        Duration::from_secs(15),
+        "the sample stored once the disk is back",
+        || env.stats()["samples"] == 1,
+    );
+    ingest.stop();
+    // Unacked messages return to the queue when the consumer goes: an empty queue after the
+    // stop means the delivery was acked.
+    let connection = rt.block_on(common::ingest::broker());
+    assert_eq!(rt.block_on(queue_len(&connection, &queue)), 0);
+    assert_eq!(env.stats()["rejected"], 0);
     rt.block_on(cleanup(&connection, &queue));
 }

@@ -684,7 +684,12 @@ impl StoreReader {
 
 fn read_stats(db: &impl ReadableDatabase) -> Result<Stats, StoreError> {
     let txn = db.begin_read().map_err(ledger_error)?;
-    let counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
+    let counters = match txn.open_table(COUNTERS) {
+        Ok(table) => table,
+        // The writer has created the file but not committed its first transaction yet.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Stats::default()),
+        Err(error) => return Err(ledger_error(error)),
+    };
     let mut stats = Stats::default();
     for entry in counters.iter().map_err(ledger_error)? {
         let (name, value) = entry.map_err(ledger_error)?;

@@ -501,4 +501,30 @@ mod tests {
             "{error}"
         );
     }
+
+    #[test]
+    fn source_sections_parse_durations_and_name_bad_keys() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("RSITRD__INBOX__SETTLE", "250ms"),
+                ("RSITRD__AMQP__ENABLED", "true"),
+                ("RSITRD__AMQP__QUEUE", "q1"),
+                ("RSITRD__STORE__VAL_FRACTION", "0.2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.inbox.settle, std::time::Duration::from_millis(250));
+        assert!(config.amqp.enabled);
+        assert_eq!(config.amqp.dead_letter_exchange(), "q1.dlx");
+        assert_eq!(config.inbox.done_dir(), PathBuf::from("data/inbox/done"));
+        let error = Config::load(None, env(&[("RSITRD__INBOX__SETTLE", "soon")])).unwrap_err();
+        assert!(error.to_string().contains("invalid duration `soon`"), "{error}");
+        assert!(error.to_string().contains("settle"), "{error}");
+        let error =
+            Config::load(None, env(&[("RSITRD__STORE__VAL_FRACTION", "1.5")])).unwrap_err();
+        assert!(error.to_string().contains("store.val_fraction"), "{error}");
+        let error = Config::load(None, env(&[("RSITRD__AMQP__PREFETCH", "0")])).unwrap_err();
+        assert!(error.to_string().contains("amqp.prefetch"), "{error}");
+    }
 }

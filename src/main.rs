@@ -172,6 +172,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure AMQP → store ingestion (throughput, publish → commit latency) next to the
+    /// broker alone and validation alone; uses a throw-away queue and store.
+    BenchIngest {
+        /// Karpathy dataset whose images are sent (each made unique per message).
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+        /// Messages for the throughput runs.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        /// Steady publish rate (messages/s) for the latency run.
+        #[arg(long, default_value_t = 200.0)]
+        latency_rate: f64,
+        /// Messages in the latency run.
+        #[arg(long, default_value_t = 1000)]
+        latency_messages: usize,
+    },
     /// Time image/text embedding and adapter training on a device.
     Bench {
         /// Model directory or hub id; without it, a random-weight model of --preset size.
@@ -366,6 +384,27 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Publish { dataset, images } => publish_command(&config, &dataset, &images),
         Command::Import { dataset, images } => import_command(&config, &dataset, &images),
         Command::Stats { json } => stats_command(&config, json),
+        Command::BenchIngest {
+            dataset,
+            images,
+            messages,
+            latency_rate,
+            latency_messages,
+        } => {
+            let dataset = load_dataset(&dataset, &images)?;
+            std::fs::create_dir_all(&config.store.dir)?;
+            let report = rsitrd::ingest::bench::run_ingest_bench(
+                &config.amqp,
+                Arc::new(rsitrd::ingest::Validator::from_config(&config)),
+                &dataset,
+                messages,
+                latency_rate,
+                latency_messages,
+                &config.store.dir,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
         Command::Bench {
             model,
             preset,

@@ -14,16 +14,16 @@ const POLICY: SplitPolicy = SplitPolicy {
 };
 
 fn sample(seed: u32, captions: &[&str], source: &str) -> NewSample {
-    NewSample {
-        image: common::ingest::synthetic_png(seed, 8),
-        captions: captions.iter().map(|c| c.to_string()).collect(),
-        metadata: serde_json::Map::new(),
-        source: source.into(),
-        source_ref: format!("s{seed}"),
-        format: "png".into(),
-        width: 8,
-        height: 8,
-    }
+    NewSample::new(
+        common::ingest::synthetic_png(seed, 8),
+        captions.iter().map(|c| c.to_string()).collect(),
+        serde_json::Map::new(),
+        source.into(),
+        format!("s{seed}"),
+        "png".into(),
+        8,
+        8,
+    )
 }
 
 fn commit(store: &Store, samples: Vec<NewSample>) -> Vec<CommitOutcome> {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -69,12 +69,14 @@ fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
 }
 
 /// The message format: `{"id"?, "image_b64", "captions": [...], "metadata"?: {...}}`.
+/// The base64 text is borrowed from the body when it has no escapes (no copy).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SampleMessage {
+pub struct SampleMessage<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    pub image_b64: String,
+    #[serde(borrow)]
+    pub image_b64: std::borrow::Cow<'a, str>,
     pub captions: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
@@ -265,7 +267,7 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
 async fn handle(
     context: Arc<Context>,
     dead_letters: Channel,
-    delivery: lapin::message::Delivery,
+    mut delivery: lapin::message::Delivery,
 ) -> Result<(), AmqpError> {
     let fallback_ref = delivery
         .properties
@@ -275,7 +277,8 @@ async fn handle(
         .unwrap_or_else(|| format!("delivery {}", delivery.delivery_tag));
     let checks = {
         let context = context.clone();
-        let data = delivery.data.clone();
+        // The body goes to the validation thread and comes back (for dead-lettering): no copy.
+        let data = std::mem::take(&mut delivery.data);
         let content_type = delivery
             .properties
             .content_type()
@@ -283,18 +286,29 @@ async fn handle(
             .map(|c| c.to_string());
         let fallback_ref = fallback_ref.clone();
         tokio::task::spawn_blocking(move || {
-            parse_and_validate(&context, &data, content_type.as_deref(), &fallback_ref)
+            let (source_ref, checked) =
+                parse_and_validate(&context, &data, content_type.as_deref(), &fallback_ref);
+            (data, source_ref, checked)
         })
     };
-    let (source_ref, checked) = checks.await.unwrap_or_else(|panic| {
-        (
-            fallback_ref.clone(),
-            Err(Rejection::new(
-                RejectKind::Message,
-                format!("validation crashed: {panic}"),
-            )),
-        )
-    });
+    let (source_ref, checked) = match checks.await {
+        Ok((data, source_ref, checked)) => {
+            delivery.data = data;
+            (source_ref, checked)
+        }
+        // Requeued: the broker's delivery limit dead-letters a message that keeps crashing.
+        Err(panic) => {
+            tracing::error!(input = %fallback_ref, %panic, "validation crashed: requeued");
+            delivery
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+                .map_err(broker("nack"))?;
+            return Ok(());
+        }
+    };
     match checked {
         Ok(sample) => {
             let Some(outcome) =
@@ -481,7 +495,9 @@ pub fn encode_message(
 ) -> Vec<u8> {
     let message = SampleMessage {
         id: Some(id.to_string()),
-        image_b64: base64::engine::general_purpose::STANDARD.encode(image),
+        image_b64: base64::engine::general_purpose::STANDARD
+            .encode(image)
+            .into(),
         captions: captions.to_vec(),
         metadata: Some(metadata),
     };

@@ -15,6 +15,7 @@ use crate::store::writer::StoreWriter;
 use crate::store::{NewSample, RejectRecord, SampleId, Source, Store, now_ms};
 
 pub mod amqp;
+pub mod bench;
 pub mod fs;
 pub mod import;
 
@@ -223,16 +224,16 @@ impl Validator {
         };
         let decoded = decode_image(&image, source_ref, self.max_pixels)
             .map_err(|error| Rejection::new(RejectKind::Image, error.to_string()))?;
-        Ok(NewSample {
-            width: decoded.width(),
-            height: decoded.height(),
+        Ok(NewSample::new(
             image,
             captions,
             metadata,
-            source: source.clone(),
-            source_ref: source_ref.into(),
-            format: format.into(),
-        })
+            source.clone(),
+            source_ref.into(),
+            format.into(),
+            decoded.width(),
+            decoded.height(),
+        ))
     }
 
     fn check_captions(

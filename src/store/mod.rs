@@ -15,11 +15,11 @@ use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::SeedableRng;
 use rand::seq::index;
-use rayon::prelude::*;
 use redb::{
     Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
     TableDefinition,
@@ -206,7 +206,11 @@ pub struct SampleRecord {
 /// A validated sample on its way into the store.
 #[derive(Debug, Clone)]
 pub struct NewSample {
-    pub image: Vec<u8>,
+    /// `SampleId::of_image(&image)`, computed by the source's worker threads (hashing off
+    /// the single writer thread); [`NewSample::new`] fills it in.
+    pub id: SampleId,
+    /// Shared so that retries and hand-offs never copy the image.
+    pub image: Arc<Vec<u8>>,
     pub captions: Vec<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub source: Source,
@@ -214,6 +218,33 @@ pub struct NewSample {
     pub format: String,
     pub width: u32,
     pub height: u32,
+}
+
+impl NewSample {
+    /// A sample with its id computed from the image bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        image: Vec<u8>,
+        captions: Vec<String>,
+        metadata: serde_json::Map<String, serde_json::Value>,
+        source: Source,
+        source_ref: String,
+        format: String,
+        width: u32,
+        height: u32,
+    ) -> Self {
+        Self {
+            id: SampleId::of_image(&image),
+            image: Arc::new(image),
+            captions,
+            metadata,
+            source,
+            source_ref,
+            format,
+            width,
+            height,
+        }
+    }
 }
 
 /// What committing a sample did.
@@ -377,7 +408,8 @@ impl Store {
             for op in ops {
                 match op {
                     StoreOp::Sample(sample) => {
-                        let id = SampleId::of_image(&sample.image);
+                        let id = sample.id;
+                        debug_assert_eq!(id, SampleId::of_image(&sample.image));
                         let existing = match samples.get(id.0).map_err(ledger_error)? {
                             Some(bytes) => Some(decode_record(&id, bytes.value())?),
                             None => None,
@@ -488,14 +520,14 @@ impl Store {
                 StoreOp::Sample(sample) => Some(sample),
                 StoreOp::Reject(_) => None,
             })
-            .map(|sample| (SampleId::of_image(&sample.image), sample.image.as_slice()))
+            .map(|sample| (sample.id, sample.image.as_slice()))
             .filter(|(id, _)| seen.insert(*id) && !self.blob_path(id).exists())
             .collect();
         if pending.is_empty() {
             return Ok(());
         }
         let tmp_dir = self.root.join("tmp");
-        pending.par_iter().try_for_each(|(id, bytes)| {
+        parallel_io(&pending, |(id, bytes)| {
             let final_path = self.blob_path(id);
             let shard = final_path
                 .parent()
@@ -511,20 +543,22 @@ impl Store {
             };
             let mut file = File::create(&temp).map_err(io)?;
             file.write_all(bytes).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            // Data and size: what a reader after a crash needs.
+            file.sync_data().map_err(io)?;
             drop(file);
             std::fs::rename(&temp, &final_path).map_err(|error| StoreError::Io {
                 path: final_path.clone(),
                 error,
             })
         })?;
-        let shards: HashSet<PathBuf> = pending
+        let mut shards: Vec<PathBuf> = pending
             .iter()
             .filter_map(|(id, _)| self.blob_path(id).parent().map(Path::to_path_buf))
+            .collect::<HashSet<_>>()
+            .into_iter()
             .collect();
-        for dir in shards.iter().chain([&self.root.join("blobs")]) {
-            sync_dir(dir)?;
-        }
+        shards.push(self.root.join("blobs"));
+        parallel_io(&shards, |dir| sync_dir(dir))?;
         Ok(())
     }
 
@@ -718,6 +752,32 @@ fn read_stats(db: &impl ReadableDatabase) -> Result<Stats, StoreError> {
 fn blob_path(root: &Path, id: &SampleId) -> PathBuf {
     let hex = id.to_hex();
     root.join("blobs").join(&hex[..2]).join(hex)
+}
+
+/// Threads waiting on the disk at once when a batch is made durable: fsyncs mostly wait, and
+/// concurrent ones share journal commits, so far more threads than cores pay off.
+const IO_THREADS: usize = 32;
+
+/// Runs `work` on every item from up to [`IO_THREADS`] threads; the first error wins.
+fn parallel_io<T: Sync>(
+    items: &[T],
+    work: impl Fn(&T) -> Result<(), StoreError> + Sync,
+) -> Result<(), StoreError> {
+    if items.len() <= 1 {
+        return items.iter().try_for_each(&work);
+    }
+    let threads = items.len().min(IO_THREADS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let work = &work;
+                scope.spawn(move || items.iter().skip(t).step_by(threads).try_for_each(work))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|handle| handle.join().expect("store i/o thread panicked"))
+    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

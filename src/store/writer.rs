@@ -129,7 +129,15 @@ fn writer_loop(store: &Store, mut receiver: mpsc::Receiver<Job>) {
         }
         let (ops, replies): (Vec<StoreOp>, Vec<_>) =
             jobs.into_iter().map(|job| (job.op, job.reply)).unzip();
-        match store.commit_batch(&ops) {
+        let started = std::time::Instant::now();
+        let result = store.commit_batch(&ops);
+        tracing::debug!(
+            batch = ops.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
+        metrics::histogram!("rsitrd_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        match result {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));

@@ -44,6 +44,211 @@ pub struct Config {
     pub inbox: InboxSection,
     #[serde(default)]
     pub amqp: AmqpSection,
+    #[serde(default)]
+    pub index: IndexSection,
+    #[serde(default)]
+    pub training: TrainingSection,
+    #[serde(default)]
+    pub gate: GateSection,
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// Which Qdrant holds the vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexBackendKind {
+    /// In-process qdrant-edge shards under `DATA_DIR/index`.
+    Embedded,
+    /// A Qdrant server or cluster (gRPC).
+    Remote,
+}
+
+/// `[index]`: the vector index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSection {
+    /// `embedded` (qdrant-edge, in-process) or `remote` (qdrant-client).
+    #[serde(default = "default_index_backend")]
+    pub backend: IndexBackendKind,
+    /// Remote: gRPC URL (`https://` for TLS).
+    #[serde(default = "default_index_url")]
+    pub url: String,
+    /// Remote: environment variable holding the API key (none if unset or empty).
+    #[serde(default = "default_api_key_env")]
+    pub api_key_env: String,
+    /// Remote: file holding the API key (takes precedence over the variable).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Remote: the alias queries use; versions are collections `NAME_vN` behind it.
+    #[serde(default = "default_collection")]
+    pub collection: String,
+    /// Index versions kept after a switch (the live one and previous ones, for rollback).
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: usize,
+}
+
+fn default_index_backend() -> IndexBackendKind {
+    IndexBackendKind::Embedded
+}
+fn default_index_url() -> String {
+    "http://127.0.0.1:6334".into()
+}
+fn default_api_key_env() -> String {
+    "QDRANT_API_KEY".into()
+}
+fn default_collection() -> String {
+    "rsitrd".into()
+}
+fn default_keep_versions() -> usize {
+    2
+}
+
+impl Default for IndexSection {
+    fn default() -> Self {
+        Self {
+            backend: default_index_backend(),
+            url: default_index_url(),
+            api_key_env: default_api_key_env(),
+            api_key_file: None,
+            collection: default_collection(),
+            keep_versions: default_keep_versions(),
+        }
+    }
+}
+
+/// `[training]`: continual adapter training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    /// Train at all (off: the daemon only ingests, embeds and serves).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A run starts once this many new training samples arrived since the last run...
+    #[serde(default = "default_min_new_samples")]
+    pub min_new_samples: u64,
+    /// ...or after this long with at least one new training sample.
+    #[serde(default = "default_train_interval", with = "humantime_serde_compat")]
+    pub interval: std::time::Duration,
+    /// Adapter steps per run.
+    #[serde(default = "default_train_steps")]
+    pub steps: usize,
+    /// Pairs per step.
+    #[serde(default = "default_train_batch")]
+    pub batch_size: usize,
+    /// Adam learning rate.
+    #[serde(default = "default_train_lr")]
+    pub lr: f64,
+    /// Replayed older training samples per new one (against forgetting).
+    #[serde(default = "default_replay_ratio")]
+    pub replay_ratio: f64,
+    #[serde(default = "default_split_seed")]
+    pub seed: u64,
+}
+
+fn default_min_new_samples() -> u64 {
+    64
+}
+fn default_train_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(3600)
+}
+fn default_train_steps() -> usize {
+    100
+}
+fn default_train_batch() -> usize {
+    16
+}
+fn default_train_lr() -> f64 {
+    2e-4
+}
+fn default_replay_ratio() -> f64 {
+    1.0
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_new_samples: default_min_new_samples(),
+            interval: default_train_interval(),
+            steps: default_train_steps(),
+            batch_size: default_train_batch(),
+            lr: default_train_lr(),
+            replay_ratio: default_replay_ratio(),
+            seed: default_split_seed(),
+        }
+    }
+}
+
+/// `[gate]`: when a candidate adapter replaces the live one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateSection {
+    /// Largest accepted drop of validation mR, in percentage points.
+    #[serde(default = "default_mr_tolerance")]
+    pub mr_tolerance: f64,
+    /// Fewest `val` samples for a decision (fewer: candidates are kept, not promoted).
+    #[serde(default = "default_min_val_samples")]
+    pub min_val_samples: usize,
+}
+
+fn default_mr_tolerance() -> f64 {
+    0.5
+}
+fn default_min_val_samples() -> usize {
+    2
+}
+
+impl Default for GateSection {
+    fn default() -> Self {
+        Self {
+            mr_tolerance: default_mr_tolerance(),
+            min_val_samples: default_min_val_samples(),
+        }
+    }
+}
+
+/// `[http]`: the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address to bind (loopback by default; put a TLS proxy in front for remote clients).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Environment variable holding a bearer token that every `/v1` request must carry
+    /// (unset or empty: no authentication).
+    #[serde(default = "default_token_env")]
+    pub bearer_token_env: String,
+    /// Largest request body in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Largest `k` of a search.
+    #[serde(default = "default_max_k")]
+    pub max_k: usize,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_token_env() -> String {
+    "RSITRD_API_TOKEN".into()
+}
+fn default_max_body() -> usize {
+    32 << 20
+}
+fn default_max_k() -> usize {
+    1000
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            bearer_token_env: default_token_env(),
+            max_body_bytes: default_max_body(),
+            max_k: default_max_k(),
+        }
+    }
 }
 
 /// `[store]`: where samples live and how they are split.
@@ -432,6 +637,33 @@ impl Config {
         if self.amqp.max_message_bytes == 0 {
             return Err("amqp.max_message_bytes must be positive".into());
         }
+        if self.index.keep_versions == 0 {
+            return Err("index.keep_versions must be at least 1 (the live version)".into());
+        }
+        if self.training.steps == 0 || self.training.batch_size < 2 {
+            return Err(
+                "training.steps must be positive and training.batch_size at least 2".into(),
+            );
+        }
+        if self.training.lr.is_nan()
+            || self.training.lr <= 0.0
+            || self.training.replay_ratio.is_nan()
+            || self.training.replay_ratio < 0.0
+        {
+            return Err("training.lr must be positive and training.replay_ratio >= 0".into());
+        }
+        if self.gate.mr_tolerance.is_nan() || self.gate.mr_tolerance < 0.0 {
+            return Err("gate.mr_tolerance must be >= 0".into());
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "http.listen `{}` is not an address like 127.0.0.1:8080",
+                self.http.listen
+            ));
+        }
+        if self.http.max_k == 0 {
+            return Err("http.max_k must be positive".into());
+        }
         if self.inbox.settle.is_zero() || self.inbox.rescan_interval.is_zero() {
             return Err("inbox.settle and inbox.rescan_interval must be positive".into());
         }
@@ -519,10 +751,12 @@ mod tests {
         assert_eq!(config.amqp.dead_letter_exchange(), "q1.dlx");
         assert_eq!(config.inbox.done_dir(), PathBuf::from("data/inbox/done"));
         let error = Config::load(None, env(&[("RSITRD__INBOX__SETTLE", "soon")])).unwrap_err();
-        assert!(error.to_string().contains("invalid duration `soon`"), "{error}");
+        assert!(
+            error.to_string().contains("invalid duration `soon`"),
+            "{error}"
+        );
         assert!(error.to_string().contains("settle"), "{error}");
-        let error =
-            Config::load(None, env(&[("RSITRD__STORE__VAL_FRACTION", "1.5")])).unwrap_err();
+        let error = Config::load(None, env(&[("RSITRD__STORE__VAL_FRACTION", "1.5")])).unwrap_err();
         assert!(error.to_string().contains("store.val_fraction"), "{error}");
         let error = Config::load(None, env(&[("RSITRD__AMQP__PREFETCH", "0")])).unwrap_err();
         assert!(error.to_string().contains("amqp.prefetch"), "{error}");

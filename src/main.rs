@@ -147,6 +147,16 @@ enum Command {
         #[arg(long)]
         max_pixels: Option<u64>,
     },
+    /// The daemon: ingestion, continual training with the promotion gate, the index and the
+    /// HTTP API, until SIGINT or SIGTERM (systemd Type=notify).
+    Run,
+    /// Switch serving back to an earlier kept adapter/index version (through the running
+    /// daemon's API, or directly when it is stopped).
+    Rollback {
+        /// Version to serve (default: the previous live version).
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Run the ingestion sources (inbox directory, AMQP queue) into the store until SIGINT or
     /// SIGTERM.
     Ingest,
@@ -189,6 +199,17 @@ enum Command {
         /// Messages in the latency run.
         #[arg(long, default_value_t = 1000)]
         latency_messages: usize,
+    },
+    /// Write a random-weight CLIP in the HuggingFace layout (for full-size benchmarks without
+    /// downloading weights): config.json from --like, model.safetensors random.
+    RandomModel {
+        /// Directory holding the config.json to copy (e.g. tests/fixtures/vit-b-32).
+        #[arg(long)]
+        like: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// Time image/text embedding and adapter training on a device.
     Bench {
@@ -380,6 +401,19 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let max_pixels = pixels_of(max_pixels);
             with_backend!(device_of(device), B, device => eval_command::<B>(&device, &model, adapter.as_deref(), &dataset, split, json, max_pixels))
         }
+        Command::Run => {
+            let model = hub::resolve_model(&config.model.dir)?;
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok();
+            with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics))
+        }
+        Command::Rollback { to } => rollback_command(&config, to),
+        Command::RandomModel { like, out, seed } => {
+            rsitrd::model::weights::write_random_model(&like, &out, seed)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::Ingest => ingest_command(&config),
         Command::Publish { dataset, images } => publish_command(&config, &dataset, &images),
         Command::Import { dataset, images } => import_command(&config, &dataset, &images),
@@ -471,6 +505,61 @@ fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) -> Result<()> 
         cancel.cancel();
     });
     Ok(())
+}
+
+fn run_daemon<B: Backend>(
+    config: Config,
+    model: PathBuf,
+    device: B::Device,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> Result<()>
+where
+    B::Device: Send + Sync,
+{
+    tokio_runtime()?.block_on(async {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        cancel_on_signals(cancel.clone())?;
+        rsitrd::daemon::run::<B>(config, model, device, cancel, metrics).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Rollback through the running daemon's API; when none answers, directly on the data
+/// directory (the daemon must be stopped: the index and store are single-writer).
+fn rollback_command(config: &Config, to: Option<u64>) -> Result<()> {
+    let url = format!("http://{}/v1/rollback", config.http.listen);
+    let body = serde_json::json!({ "to": to });
+    let mut request = ureq::post(&url);
+    if let Ok(token) = std::env::var(&config.http.bearer_token_env)
+        && !token.is_empty()
+    {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    match request
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(&body)
+    {
+        Ok(mut response) => {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            if !response.status().is_success() {
+                bail!("rollback refused by the daemon: {text}");
+            }
+            println!("{text}");
+            Ok(())
+        }
+        Err(ureq::Error::Io(_)) | Err(ureq::Error::ConnectionFailed) => {
+            let version = rsitrd::daemon::offline_rollback(config, to)?;
+            println!(
+                "{}",
+                serde_json::json!({ "adapter_version": version, "offline": true })
+            );
+            Ok(())
+        }
+        Err(error) => Err(error).context("rollback request"),
+    }
 }
 
 fn ingest_command(config: &Config) -> Result<()> {

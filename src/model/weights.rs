@@ -361,3 +361,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn short(fingerprint: &str) -> &str {
     &fingerprint[..fingerprint.len().min(12)]
 }
+
+/// Writes a random-weight CLIP in the HuggingFace layout: `config.json` copied from
+/// `config_dir`, the backbone in `model.safetensors` (PyTorch key names and layouts, no
+/// `logit_scale`: its configured initial value applies). For full-size benchmarks of the
+/// daemon without downloading pretrained weights; it loads like any HF checkpoint.
+pub fn write_random_model(config_dir: &Path, out: &Path, seed: u64) -> Result<(), WeightsError> {
+    type B = crate::model::device::Cpu;
+    let config = ClipConfig::from_model_dir(config_dir)?;
+    let device = Default::default();
+    <B as Backend>::seed(&device, seed);
+    let model: ClipModel<B> = config.init(&AdapterConfig::default_for(&config), &device);
+    let write_error = |source: std::io::Error| WeightsError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(out).map_err(write_error)?;
+    std::fs::copy(config_dir.join("config.json"), out.join("config.json")).map_err(write_error)?;
+    let mut store = SafetensorsStore::from_bytes(None)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_regex(r"^(text_model|vision_model|visual_projection|text_projection)\.");
+    model
+        .save_into(&mut store)
+        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
+    let bytes = store
+        .get_bytes()
+        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
+    write_atomically(&out.join("model.safetensors"), &bytes).map_err(write_error)
+}

@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
+pub mod continual;
 pub mod offline;
 
 use crate::model::clip::mix_seed;

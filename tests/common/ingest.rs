@@ -108,6 +108,14 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// Wraps a spawned `rsitrd` process logging to `log`.
+    pub fn from_child(child: Child, log: &Path) -> Self {
+        Self {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1,0 +1,414 @@
+//! `rsitrd run` end to end with the tiny CLIP: samples through the inbox are embedded and
+//! searchable, search equals brute force over the served embeddings, a training run is gated
+//! and promoted (model and index switch together), rollback, bad requests, metrics, SIGTERM.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use common::ingest::{Ingest, TestEnv, unique, wait_for};
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Daemon {
+    env: TestEnv,
+    base: String,
+    process: Option<Ingest>,
+    log: std::path::PathBuf,
+}
+
+impl Daemon {
+    fn new(root: &Path, extra: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut env = TestEnv::new(root, &unique("daemon"));
+        env.inbox_enabled = true;
+        env.extra = vec![
+            (
+                "RSITRD__MODEL__DIR".into(),
+                common::fixture("tiny-clip").display().to_string(),
+            ),
+            ("RSITRD__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
+            ("RSITRD__INBOX__SETTLE".into(), "200ms".into()),
+            ("RSITRD__STORE__VAL_FRACTION".into(), "0.3".into()),
+            ("RSITRD__TRAINING__MIN_NEW_SAMPLES".into(), "100000".into()),
+            ("RSITRD__TRAINING__STEPS".into(), "6".into()),
+            ("RSITRD__TRAINING__BATCH_SIZE".into(), "4".into()),
+            ("RSITRD__TRAINING__LR".into(), "0.001".into()),
+            ("RSITRD_API_TOKEN".into(), String::new()),
+        ];
+        for (key, value) in extra {
+            env.extra.push((key.to_string(), value.to_string()));
+        }
+        Self {
+            env,
+            base: format!("http://127.0.0.1:{port}"),
+            process: None,
+            log: root.join("daemon.log"),
+        }
+    }
+
+    fn start(&mut self) {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .env
+            .command()
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        self.process = Some(Ingest::from_child(child, &self.log));
+        let base = self.base.clone();
+        let log = self.log.clone();
+        wait_for(Duration::from_secs(60), "readyz", || {
+            ureq::get(&format!("{base}/readyz"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+                || {
+                    assert!(
+                        !std::fs::read_to_string(&log)
+                            .unwrap_or_default()
+                            .contains("\"level\":\"ERROR\""),
+                        "daemon failed: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    false
+                }
+        });
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = ureq::post(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .unwrap();
+        read(response)
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let response = ureq::get(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .unwrap();
+        read(response)
+    }
+}
+
+fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn feed_rs_mini(inbox: &Path, staging: &Path) -> usize {
+    std::fs::create_dir_all(inbox).unwrap();
+    std::fs::create_dir_all(staging).unwrap();
+    let mini = common::rs_mini();
+    for sample in &mini {
+        let stem = sample.filename.rsplit_once('.').unwrap().0;
+        let ext = sample.filename.rsplit_once('.').unwrap().1;
+        std::fs::copy(&sample.path, staging.join(&sample.filename)).unwrap();
+        std::fs::write(
+            staging.join(format!("{stem}.txt")),
+            sample.captions.join("\n"),
+        )
+        .unwrap();
+        std::fs::rename(
+            staging.join(format!("{stem}.txt")),
+            inbox.join(format!("{stem}.txt")),
+        )
+        .unwrap();
+        std::fs::rename(
+            staging.join(&sample.filename),
+            inbox.join(format!("{stem}.{ext}")),
+        )
+        .unwrap();
+    }
+    mini.len()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn vector(value: &Value) -> Vec<f32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::new(
+        temp.path(),
+        &[
+            ("RSITRD__GATE__MR_TOLERANCE", "100"),
+            ("RSITRD__HTTP__MAX_BODY_BYTES", "2000000"),
+        ],
+    );
+    daemon.start();
+    let samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
+
+    // Freshness: every sample embedded and upserted (image + one point per distinct caption).
+    wait_for(Duration::from_secs(120), "all samples embedded", || {
+        let (_, status) = daemon.get("/v1/status");
+        status["samples"]["samples"] == samples && status["backlog"] == 0
+    });
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(status["adapter_version"], 0);
+    let captions = status["samples"]["captions"].as_u64().unwrap();
+    assert_eq!(
+        status["index_points"],
+        samples as u64 + captions,
+        "{status}"
+    );
+
+    // Search = brute force over the served embeddings of the stored images.
+    let mini = common::rs_mini();
+    let images: Vec<Vec<u8>> = mini
+        .iter()
+        .map(|s| std::fs::read(&s.path).unwrap())
+        .collect();
+    // One image per request (a Sydney TIFF is ~1 MB of base64; this test's body limit is 2 MB).
+    let (code, embedded) = daemon.post("/v1/embed", &json!({"texts": ["a football field"]}));
+    assert_eq!(code, 200, "{embedded}");
+    assert_eq!(embedded["adapter_version"], 0);
+    let mut image_vectors = Vec::new();
+    for (index, image) in images.iter().enumerate() {
+        let (code, out) = daemon.post("/v1/embed", &json!({"images_b64": [b64(image)]}));
+        assert_eq!(code, 200, "image {index}: {out}");
+        image_vectors.push(vector(&out["images"][0]));
+    }
+    let query = vector(&embedded["texts"][0]);
+    let mut expected: Vec<(f32, usize)> = image_vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (dot(v, &query), i))
+        .collect();
+    expected.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (code, found) = daemon.post("/v1/search", &json!({"text": "a football field", "k": 5}));
+    assert_eq!(code, 200, "{found}");
+    assert_eq!(found["adapter_version"], 0);
+    let results = found["results"].as_array().unwrap();
+    assert_eq!(results.len(), 5);
+    for (result, (score, index)) in results.iter().zip(&expected) {
+        let got = result["score"].as_f64().unwrap() as f32;
+        assert!(
+            (got - score).abs() < 1e-3,
+            "score {got} vs brute force {score}"
+        );
+        let id = rsitrd::store::SampleId::of_image(&images[*index]).to_hex();
+        assert_eq!(result["sample_id"], id);
+        assert!(!result["captions"].as_array().unwrap().is_empty());
+    }
+    // `rsitrd embed` (same model, no adapter) gives the same query vector: one encoder.
+    let cli = common::json_lines(
+        common::rsitrd()
+            .args(["embed", "--model"])
+            .arg(common::fixture("tiny-clip"))
+            .args(["--text", "a football field", "--json"]),
+    );
+    let cli_vector = vector(&cli[0]["embedding"]);
+    assert!(common::max_abs_diff(&cli_vector, &query) < 1e-5);
+    // Image query → captions; filter on the payload.
+    let (code, found) = daemon.post(
+        "/v1/search",
+        &json!({"image_b64": b64(&images[0]), "k": 3, "filter": {"split": "val"}}),
+    );
+    assert_eq!(code, 200, "{found}");
+    assert!(!found["results"].as_array().unwrap().is_empty());
+
+    // Bad requests: 4xx with a JSON error naming the problem.
+    for (body, words) in [
+        (json!({"k": 3}), "exactly one of"),
+        (
+            json!({"text": "x", "image_b64": "AAAA", "k": 3}),
+            "exactly one of",
+        ),
+        (json!({"text": "x", "k": 0}), "k must be between"),
+        (json!({"text": "x", "k": 100000}), "k must be between"),
+        (
+            json!({"image_b64": b64(b"not an image"), "k": 3}),
+            "not a supported image",
+        ),
+        (json!({"image_b64": "%%%", "k": 3}), "not valid base64"),
+        (json!({"text": "x", "k": 3, "colour": 1}), "unknown field"),
+    ] {
+        let (code, error) = daemon.post("/v1/search", &body);
+        assert!((400..500).contains(&code), "{body}: {code}");
+        assert!(
+            error["error"].as_str().unwrap().contains(words),
+            "{body}: {error}"
+        );
+    }
+    let response = ureq::post(&format!("{}/v1/search", daemon.base))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("content-type", "application/json")
+        .send("{not json")
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let (code, _) = daemon.post(
+        "/v1/search",
+        &json!({"image_b64": "A".repeat(2_500_000), "k": 1}),
+    );
+    assert_eq!(code, 413, "oversized body");
+
+    // Training: requested, gated (tolerance 100: promoted), corpus re-embedded, switched.
+    let (code, _) = daemon.post("/v1/train", &json!({}));
+    assert_eq!(code, 202);
+    wait_for(
+        Duration::from_secs(240),
+        "the candidate promoted and served",
+        || daemon.get("/v1/status").1["adapter_version"] == 1,
+    );
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(status["index_versions"], json!([0, 1]), "{status}");
+    assert_eq!(status["index_points"], samples as u64 + captions);
+    assert!(
+        status["last_run"]["decision"]
+            .as_str()
+            .unwrap()
+            .starts_with("promoted"),
+        "{status}"
+    );
+    assert!(status["last_run"]["candidate_metrics"]["mr"].is_number());
+    let (_, found) = daemon.post("/v1/search", &json!({"text": "a football field", "k": 3}));
+    assert_eq!(found["adapter_version"], 1);
+    let (_, embedded_v1) = daemon.post("/v1/embed", &json!({"texts": ["a football field"]}));
+    assert_eq!(embedded_v1["adapter_version"], 1);
+    let runs = std::fs::read_to_string(daemon.env.data.join("adapters/runs.jsonl")).unwrap();
+    assert_eq!(runs.lines().count(), 1);
+    assert!(daemon.env.data.join("adapters/v1.safetensors").exists());
+    // The promoted adapter file is a real checkpoint: `rsitrd embed --adapter` reproduces the
+    // daemon's query encoding.
+    let cli = common::json_lines(
+        common::rsitrd()
+            .args(["embed", "--model"])
+            .arg(common::fixture("tiny-clip"))
+            .arg("--adapter")
+            .arg(daemon.env.data.join("adapters/v1.safetensors"))
+            .args(["--text", "a football field", "--json"]),
+    );
+    assert!(
+        common::max_abs_diff(
+            &vector(&cli[0]["embedding"]),
+            &vector(&embedded_v1["texts"][0])
+        ) < 1e-5
+    );
+
+    // Rollback through the CLI (which talks to the running daemon).
+    let out = common::run_ok(daemon.env.command().arg("rollback"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"adapter_version\":0"));
+    let (_, found) = daemon.post("/v1/search", &json!({"text": "a football field", "k": 3}));
+    assert_eq!(found["adapter_version"], 0);
+
+    let metrics = ureq::get(&format!("{}/metrics", daemon.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(metrics.contains("rsitrd_http_requests_total"), "{metrics}");
+    assert!(metrics.contains("rsitrd_promotions_total"));
+    assert!(metrics.contains("rsitrd_embedded_samples_total"));
+
+    daemon.process.as_mut().unwrap().stop();
+    // Restart: the state (live version 0 after the rollback) and the index come back.
+    daemon.start();
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(status["adapter_version"], 0);
+    assert_eq!(status["index_points"], samples as u64 + captions);
+    daemon.process.as_mut().unwrap().stop();
+}
+
+#[test]
+fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
+    let temp = tempfile::tempdir().unwrap();
+    // A candidate made worse on purpose: a learning rate that blows the adapter up.
+    let mut daemon = Daemon::new(
+        temp.path(),
+        &[
+            ("RSITRD__TRAINING__LR", "1e30"),
+            ("RSITRD__GATE__MR_TOLERANCE", "0"),
+        ],
+    );
+    daemon.env.extra.retain(|(k, _)| k != "RSITRD_API_TOKEN");
+    daemon
+        .env
+        .extra
+        .push(("RSITRD_API_TOKEN".into(), "s3cret".into()));
+    daemon.start();
+    let samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
+    let authed = |path: &str| {
+        ureq::get(&format!("{}{path}", daemon.base))
+            .header("Authorization", "Bearer s3cret")
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json::<Value>()
+            .unwrap()
+    };
+    let (code, error) = daemon.get("/v1/status");
+    assert_eq!(code, 401, "{error}");
+    assert_eq!(daemon.get("/healthz").0, 200, "health needs no token");
+    wait_for(Duration::from_secs(120), "all samples embedded", || {
+        authed("/v1/status")["samples"]["samples"] == samples
+    });
+    let response = ureq::post(&format!("{}/v1/train", daemon.base))
+        .header("Authorization", "Bearer s3cret")
+        .send_json(json!({}))
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    wait_for(Duration::from_secs(240), "the run recorded", || {
+        !authed("/v1/status")["last_run"].is_null()
+    });
+    let status = authed("/v1/status");
+    assert_eq!(status["adapter_version"], 0, "not promoted: {status}");
+    let decision = status["last_run"]["decision"].as_str().unwrap();
+    assert!(decision.starts_with("rejected"), "{decision}");
+    // The live version kept serving throughout.
+    let found = ureq::post(&format!("{}/v1/search", daemon.base))
+        .header("Authorization", "Bearer s3cret")
+        .send_json(json!({"text": "a river", "k": 2}))
+        .unwrap()
+        .body_mut()
+        .read_json::<Value>()
+        .unwrap();
+    assert_eq!(found["adapter_version"], 0);
+    assert_eq!(status["index_versions"], json!([0]));
+    assert!(
+        daemon.env.data.join("adapters/v1.safetensors").exists(),
+        "the candidate is kept on disk"
+    );
+    daemon.process.as_mut().unwrap().stop();
+}

@@ -30,6 +30,24 @@ pub struct RetrievalMetrics {
     pub captions: usize,
 }
 
+impl RetrievalMetrics {
+    /// The recalls and mR by name (`mr`, `i2t_r1`, …), as adapter checkpoints record them.
+    pub fn to_map(&self) -> std::collections::BTreeMap<String, f64> {
+        [
+            ("mr", self.mr),
+            ("i2t_r1", self.i2t_r1),
+            ("i2t_r5", self.i2t_r5),
+            ("i2t_r10", self.i2t_r10),
+            ("t2i_r1", self.t2i_r1),
+            ("t2i_r5", self.t2i_r5),
+            ("t2i_r10", self.t2i_r10),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
 /// Computes the metrics from a row-major `[images, captions]` similarity matrix.
 /// `caption_image[c]` is the image that caption `c` describes; every image needs at least one
 /// caption.

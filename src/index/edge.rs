@@ -20,8 +20,8 @@ use qdrant_edge::{
 };
 
 use super::{
-    Hit, IMAGE_VECTOR, IndexError, IndexPoint, PayloadFilter, TEXT_VECTOR, VectorIndex,
-    backend_error,
+    Hit, IMAGE_VECTOR, IndexError, IndexPoint, MatchValue, PayloadFilter, TEXT_VECTOR, VectorIndex,
+    backend_error, match_conditions,
 };
 
 const LIVE_FILE: &str = "LIVE";
@@ -78,22 +78,14 @@ fn point_id(bytes: &[u8; 16]) -> PointId {
     PointId::Uuid(Uuid::from_bytes(*bytes))
 }
 
-fn condition(key: &str, value: &serde_json::Value) -> Result<Condition, IndexError> {
+fn condition(key: &str, value: MatchValue) -> Result<Condition, IndexError> {
     let path: JsonPath = key
         .parse()
         .map_err(|()| backend_error("filter", format!("invalid payload key `{key}`")))?;
     let value = match value {
-        serde_json::Value::String(s) => ValueVariants::String(s.clone()),
-        serde_json::Value::Bool(b) => ValueVariants::Bool(*b),
-        serde_json::Value::Number(n) if n.is_i64() => {
-            ValueVariants::Integer(n.as_i64().expect("i64"))
-        }
-        other => {
-            return Err(backend_error(
-                "filter",
-                format!("`{key}`: only strings, integers and booleans can be matched, not {other}"),
-            ));
-        }
+        MatchValue::Text(s) => ValueVariants::String(s),
+        MatchValue::Bool(b) => ValueVariants::Bool(b),
+        MatchValue::Integer(i) => ValueVariants::Integer(i),
     };
     Ok(Condition::Field(FieldCondition::new_match(
         path,
@@ -177,9 +169,9 @@ impl VectorIndex for EdgeIndex {
         } else {
             Some(Filter {
                 must: Some(
-                    filter
-                        .iter()
-                        .map(|(key, value)| condition(key, value))
+                    match_conditions(filter)?
+                        .into_iter()
+                        .map(|(key, value)| condition(&key, value))
                         .collect::<Result<_, _>>()?,
                 ),
                 ..Default::default()

@@ -63,6 +63,39 @@ pub struct Hit {
 /// `{"metadata.sensor": "wv3"}`.
 pub type PayloadFilter = Vec<(String, serde_json::Value)>;
 
+/// A value a payload field is matched against.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MatchValue {
+    Text(String),
+    Integer(i64),
+    Bool(bool),
+}
+
+/// The filter's conditions as matchable values; other JSON values are refused by name.
+pub fn match_conditions(filter: &PayloadFilter) -> Result<Vec<(String, MatchValue)>, IndexError> {
+    filter
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                serde_json::Value::String(s) => MatchValue::Text(s.clone()),
+                serde_json::Value::Bool(b) => MatchValue::Bool(*b),
+                serde_json::Value::Number(n) if n.is_i64() => {
+                    MatchValue::Integer(n.as_i64().expect("i64"))
+                }
+                other => {
+                    return Err(backend_error(
+                        "filter",
+                        format!(
+                            "`{key}`: only strings, integers and booleans can be matched, not {other}"
+                        ),
+                    ));
+                }
+            };
+            Ok((key.clone(), value))
+        })
+        .collect()
+}
+
 fn uuid_bytes(parts: &[&[u8]]) -> [u8; 16] {
     let mut hasher = blake3::Hasher::new();
     for part in parts {

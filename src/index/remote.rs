@@ -14,8 +14,8 @@ use qdrant_client::qdrant::{
 use qdrant_client::{Payload, Qdrant};
 
 use super::{
-    Hit, IMAGE_VECTOR, IndexError, IndexPoint, PayloadFilter, TEXT_VECTOR, VectorIndex,
-    backend_error, uuid_string,
+    Hit, IMAGE_VECTOR, IndexError, IndexPoint, MatchValue, PayloadFilter, TEXT_VECTOR, VectorIndex,
+    backend_error, match_conditions, uuid_string,
 };
 use crate::config::IndexSection;
 
@@ -150,20 +150,14 @@ impl VectorIndex for RemoteIndex {
             .limit(k as u64)
             .with_payload(true);
         if !filter.is_empty() {
-            let conditions = filter
-                .iter()
+            let conditions: Vec<Condition> = match_conditions(filter)?
+                .into_iter()
                 .map(|(key, value)| match value {
-                    serde_json::Value::String(s) => Ok(Condition::matches(key.clone(), s.clone())),
-                    serde_json::Value::Bool(b) => Ok(Condition::matches(key.clone(), *b)),
-                    serde_json::Value::Number(n) if n.is_i64() => {
-                        Ok(Condition::matches(key.clone(), n.as_i64().expect("i64")))
-                    }
-                    other => Err(backend_error(
-                        "filter",
-                        format!("`{key}`: only strings, integers and booleans can be matched, not {other}"),
-                    )),
+                    MatchValue::Text(s) => Condition::matches(key, s),
+                    MatchValue::Bool(b) => Condition::matches(key, b),
+                    MatchValue::Integer(i) => Condition::matches(key, i),
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect();
             request = request.filter(Filter::must(conditions));
         }
         let response = self.run(async {

@@ -203,18 +203,7 @@ pub fn candidate_meta(
         version,
         parent: Some(parent),
         created_at,
-        metrics: [
-            ("mr", metrics.mr),
-            ("i2t_r1", metrics.i2t_r1),
-            ("i2t_r5", metrics.i2t_r5),
-            ("i2t_r10", metrics.i2t_r10),
-            ("t2i_r1", metrics.t2i_r1),
-            ("t2i_r5", metrics.t2i_r5),
-            ("t2i_r10", metrics.t2i_r10),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
+        metrics: metrics.to_map(),
     }
 }
 

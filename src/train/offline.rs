@@ -385,19 +385,11 @@ pub fn train<AB: AutodiffBackend>(
         version,
         parent: parent.as_ref().map(|p| p.version),
         created_at: now_rfc3339(),
-        metrics: [
-            ("mr", metrics.mr),
-            ("i2t_r1", metrics.i2t_r1),
-            ("i2t_r5", metrics.i2t_r5),
-            ("i2t_r10", metrics.i2t_r10),
-            ("t2i_r1", metrics.t2i_r1),
-            ("t2i_r5", metrics.t2i_r5),
-            ("t2i_r10", metrics.t2i_r10),
-            ("epoch", epoch as f64),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
+        metrics: {
+            let mut map = metrics.to_map();
+            map.insert("epoch".into(), epoch as f64);
+            map
+        },
     };
     let total_batches_per_epoch =
         owned_train.iter().map(|i| i.captions.len()).sum::<usize>() / config.batch_size.max(1);

@@ -86,6 +86,14 @@ pub struct IndexSection {
     /// Index versions kept after a switch (the live one and previous ones, for rollback).
     #[serde(default = "default_keep_versions")]
     pub keep_versions: usize,
+    /// Samples embedded and upserted per batch (new samples and re-embedding alike; each
+    /// batch is made durable and its progress recorded).
+    #[serde(default = "default_embed_batch_samples")]
+    pub embed_batch: usize,
+}
+
+fn default_embed_batch_samples() -> usize {
+    32
 }
 
 fn default_index_backend() -> IndexBackendKind {
@@ -113,6 +121,7 @@ impl Default for IndexSection {
             api_key_file: None,
             collection: default_collection(),
             keep_versions: default_keep_versions(),
+            embed_batch: default_embed_batch_samples(),
         }
     }
 }
@@ -636,6 +645,9 @@ impl Config {
         }
         if self.amqp.max_message_bytes == 0 {
             return Err("amqp.max_message_bytes must be positive".into());
+        }
+        if self.index.embed_batch == 0 {
+            return Err("index.embed_batch must be positive".into());
         }
         if self.index.keep_versions == 0 {
             return Err("index.keep_versions must be at least 1 (the live version)".into());

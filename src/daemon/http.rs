@@ -341,7 +341,7 @@ where
 async fn train<B: Backend>(
     State(shared): State<AppState<B>>,
 ) -> (StatusCode, Json<serde_json::Value>) {
-    shared.train_requested.store(true, Ordering::SeqCst);
+    shared.update_state(|state| state.train_requested = true);
     (StatusCode::ACCEPTED, Json(json!({"requested": true})))
 }
 

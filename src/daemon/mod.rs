@@ -30,8 +30,6 @@ pub mod state;
 
 use state::{DaemonState, Reindex, VersionRecord};
 
-/// Samples embedded per index-worker batch.
-const EMBED_BATCH: usize = 32;
 /// Longest pause of the index worker and the trainer when idle (also their cancellation check).
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Most new samples one training run takes (older ones wait for the next run).
@@ -100,8 +98,6 @@ pub struct Shared<B: Backend> {
     pub device: B::Device,
     /// A candidate waiting for the index worker to re-embed the corpus with it.
     pub promotion: Mutex<Option<(u64, Embedder<B>)>>,
-    /// `POST /v1/train` asked for a run.
-    pub train_requested: AtomicBool,
     /// A training run is in progress.
     pub training: AtomicBool,
     pub last_run: Mutex<Option<RunRecord>>,
@@ -242,7 +238,6 @@ where
         adapters_dir,
         device,
         promotion: Mutex::new(None),
-        train_requested: AtomicBool::new(false),
         training: AtomicBool::new(false),
         last_run: Mutex::new(None),
         ready: AtomicBool::new(false),
@@ -463,10 +458,19 @@ enum WorkerError {
 /// Embeds samples stored after the live cursor; returns whether there were any.
 fn fresh_batch<B: Backend>(shared: &Shared<B>) -> Result<bool, WorkerError> {
     let cursor = shared.state.lock().expect("state lock").embed_cursor;
-    let records = shared.store.samples_since(cursor, EMBED_BATCH)?;
+    let records = shared
+        .store
+        .samples_since(cursor, shared.config.index.embed_batch)?;
     let Some(last) = records.last().map(|r| r.seq) else {
+        metrics::gauge!("rsitrd_embed_backlog_samples").set(0.0);
         return Ok(false);
     };
+    metrics::gauge!("rsitrd_embed_backlog_samples").set(
+        shared
+            .store
+            .stats()
+            .map_or(0, |s| s.last_seq.saturating_sub(cursor)) as f64,
+    );
     let live = shared.live.load_full();
     let started = Instant::now();
     let points = embed_records(shared, &live.embedder, live.version, &records)?;
@@ -496,7 +500,9 @@ fn reindex_chunk<B: Backend>(
     job: &mut Reindex,
     embedder: &Embedder<B>,
 ) -> Result<bool, WorkerError> {
-    let records = shared.store.samples_since(job.cursor, EMBED_BATCH)?;
+    let records = shared
+        .store
+        .samples_since(job.cursor, shared.config.index.embed_batch)?;
     let Some(last) = records.last().map(|r| r.seq) else {
         return Ok(true);
     };
@@ -617,7 +623,7 @@ fn trainer<B: Backend>(shared: &Shared<B>) {
                 continue;
             }
         };
-        let requested = shared.train_requested.swap(false, Ordering::SeqCst);
+        let requested = state.train_requested;
         let due = new.len() as u64 >= shared.config.training.min_new_samples
             || (!new.is_empty()
                 && now_ms().saturating_sub(state.last_train_ms)
@@ -625,12 +631,17 @@ fn trainer<B: Backend>(shared: &Shared<B>) {
         if !(due || (requested && !new.is_empty())) {
             if requested {
                 tracing::info!("training requested, but no new training samples");
+                shared.update_state(|state| state.train_requested = false);
             }
             continue;
         }
         shared.training.store(true, Ordering::SeqCst);
         let result = training_run(shared, &state, new);
         shared.training.store(false, Ordering::SeqCst);
+        // Finished or failed: the request is answered (a crash before this line re-runs it).
+        if requested {
+            shared.update_state(|state| state.train_requested = false);
+        }
         if let Err(error) = result {
             tracing::error!(%error, "training run failed: it runs again at the next trigger");
         }

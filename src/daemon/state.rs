@@ -48,6 +48,9 @@ pub struct DaemonState {
     pub train_cursor: u64,
     pub last_train_ms: u64,
     pub reindex: Option<Reindex>,
+    /// `POST /v1/train` asked for a run that has not finished yet (a crash re-runs it).
+    #[serde(default)]
+    pub train_requested: bool,
 }
 
 impl DaemonState {
@@ -74,6 +77,7 @@ impl DaemonState {
             train_cursor: 0,
             last_train_ms: now_ms,
             reindex: None,
+            train_requested: false,
         }
     }
 

@@ -32,7 +32,11 @@ class Api:
                                          headers={"content-type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"null")
+                text = response.read()
+                try:
+                    return response.status, json.loads(text or b"null")
+                except ValueError:
+                    return response.status, text.decode()
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
@@ -141,6 +145,7 @@ def main():
                 promotion_started = time.time()
             if status["adapter_version"] != 0:
                 promotion_ended = time.time()
+                time.sleep(1.0)  # keep the load a moment on the new version
                 break
             if status["last_run"] and not status["last_run"]["promoted"]:
                 sys.exit("the run was not promoted")

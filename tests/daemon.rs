@@ -172,8 +172,30 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
             ("RSITRD__HTTP__MAX_BODY_BYTES", "2000000"),
         ],
     );
+    daemon.env.amqp = true;
     daemon.start();
-    let samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
+    let mut samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
+    // Others through the queue: a small Karpathy dataset sent with `rsitrd publish`.
+    let queued = temp.path().join("queued");
+    std::fs::create_dir_all(&queued).unwrap();
+    let mut images_json = Vec::new();
+    for i in 0..3u32 {
+        let name = format!("q{i}.png");
+        std::fs::write(queued.join(&name), common::ingest::synthetic_png(900 + i, 20)).unwrap();
+        images_json.push(json!({"filename": name, "split": "train",
+            "sentences": [{"raw": format!("queued tile {i}")}]}));
+    }
+    std::fs::write(queued.join("dataset.json"), json!({"images": images_json}).to_string()).unwrap();
+    common::run_ok(
+        daemon
+            .env
+            .command()
+            .args(["publish", "--dataset"])
+            .arg(queued.join("dataset.json"))
+            .arg("--images")
+            .arg(&queued),
+    );
+    samples += 3;
 
     // Freshness: every sample embedded and upserted (image + one point per distinct caption).
     wait_for(Duration::from_secs(120), "all samples embedded", || {
@@ -187,6 +209,18 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
         status["index_points"],
         samples as u64 + captions,
         "{status}"
+    );
+    assert_eq!(status["samples"]["by_source"], json!({"inbox": 26, "amqp": 3}));
+    // The status counts are the store's (read beside the running daemon).
+    assert_eq!(status["samples"], daemon.env.stats(), "status = rsitrd stats");
+    let (_, found) = daemon.post("/v1/search", &json!({"text": "queued tile 1", "k": 40}));
+    assert!(
+        found["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["captions"][0] == "queued tile 1"),
+        "a sample from the queue is searchable"
     );
 
     // Search = brute force over the served embeddings of the stored images.
@@ -212,7 +246,10 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
         .map(|(i, v)| (dot(v, &query), i))
         .collect();
     expected.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let (code, found) = daemon.post("/v1/search", &json!({"text": "a football field", "k": 5}));
+    let (code, found) = daemon.post(
+        "/v1/search",
+        &json!({"text": "a football field", "k": 5, "filter": {"metadata.set": "rs-mini"}}),
+    );
     assert_eq!(code, 200, "{found}");
     assert_eq!(found["adapter_version"], 0);
     let results = found["results"].as_array().unwrap();
@@ -380,6 +417,11 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     assert_eq!(status["adapter_version"], 0);
     assert_eq!(status["index_points"], samples as u64 + captions);
     daemon.process.as_mut().unwrap().stop();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let connection = common::ingest::broker().await;
+        common::ingest::cleanup(&connection, &daemon.env.queue).await;
+    });
 }
 
 #[test]

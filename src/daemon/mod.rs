@@ -31,7 +31,7 @@ pub mod state;
 use state::{DaemonState, Reindex, VersionRecord};
 
 /// Longest pause of the index worker and the trainer when idle (also their cancellation check).
-const IDLE_POLL: Duration = Duration::from_millis(200);
+const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Most new samples one training run takes (older ones wait for the next run).
 const MAX_NEW_PER_RUN: usize = 4096;
 

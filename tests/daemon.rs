@@ -181,11 +181,19 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     let mut images_json = Vec::new();
     for i in 0..3u32 {
         let name = format!("q{i}.png");
-        std::fs::write(queued.join(&name), common::ingest::synthetic_png(900 + i, 20)).unwrap();
+        std::fs::write(
+            queued.join(&name),
+            common::ingest::synthetic_png(900 + i, 20),
+        )
+        .unwrap();
         images_json.push(json!({"filename": name, "split": "train",
             "sentences": [{"raw": format!("queued tile {i}")}]}));
     }
-    std::fs::write(queued.join("dataset.json"), json!({"images": images_json}).to_string()).unwrap();
+    std::fs::write(
+        queued.join("dataset.json"),
+        json!({"images": images_json}).to_string(),
+    )
+    .unwrap();
     common::run_ok(
         daemon
             .env
@@ -210,9 +218,16 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
         samples as u64 + captions,
         "{status}"
     );
-    assert_eq!(status["samples"]["by_source"], json!({"inbox": 26, "amqp": 3}));
+    assert_eq!(
+        status["samples"]["by_source"],
+        json!({"inbox": 26, "amqp": 3})
+    );
     // The status counts are the store's (read beside the running daemon).
-    assert_eq!(status["samples"], daemon.env.stats(), "status = rsitrd stats");
+    assert_eq!(
+        status["samples"],
+        daemon.env.stats(),
+        "status = rsitrd stats"
+    );
     let (_, found) = daemon.post("/v1/search", &json!({"text": "queued tile 1", "k": 40}));
     assert!(
         found["results"]
@@ -416,6 +431,14 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     let (_, status) = daemon.get("/v1/status");
     assert_eq!(status["adapter_version"], 0);
     assert_eq!(status["index_points"], samples as u64 + captions);
+    daemon.process.as_mut().unwrap().stop();
+    // Rollback with the daemon stopped works on the data directory directly.
+    let out = common::run_ok(daemon.env.command().args(["rollback", "--to", "1"]));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer, json!({"adapter_version": 1, "offline": true}));
+    daemon.start();
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(status["adapter_version"], 1);
     daemon.process.as_mut().unwrap().stop();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

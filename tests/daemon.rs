@@ -644,3 +644,43 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
     );
     daemon.process.as_mut().unwrap().stop();
 }
+
+#[test]
+fn systemd_readiness_and_watchdog_notifications() {
+    // The sd_notify protocol as systemd speaks it: a datagram socket in NOTIFY_SOCKET.
+    let temp = tempfile::tempdir().unwrap();
+    let socket_path = temp.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut daemon = Daemon::new(temp.path(), &[]);
+    daemon
+        .env
+        .extra
+        .push(("NOTIFY_SOCKET".into(), socket_path.display().to_string()));
+    daemon
+        .env
+        .extra
+        .push(("WATCHDOG_USEC".into(), "400000".into()));
+    daemon.start();
+    let mut messages = Vec::new();
+    let mut buffer = [0u8; 256];
+    while messages
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 2
+    {
+        let length = socket.recv(&mut buffer).expect("a notification");
+        messages.push(String::from_utf8_lossy(&buffer[..length]).into_owned());
+    }
+    assert!(messages[0].contains("READY=1"), "{messages:?}");
+    daemon.process.as_mut().unwrap().stop();
+    let length = socket.recv(&mut buffer).unwrap();
+    let mut last = String::from_utf8_lossy(&buffer[..length]).into_owned();
+    while !last.contains("STOPPING=1") {
+        let length = socket.recv(&mut buffer).expect("STOPPING=1 before exit");
+        last = String::from_utf8_lossy(&buffer[..length]).into_owned();
+    }
+}

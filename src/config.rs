@@ -527,6 +527,10 @@ pub struct ModelSection {
     /// Inputs per forward pass when embedding.
     #[serde(default = "default_embed_batch")]
     pub embed_batch_size: usize,
+    /// CPU threads for the daemon's background work (embedding new samples, re-embedding,
+    /// training); queries use all cores. 0 = all cores but one (at least one).
+    #[serde(default)]
+    pub background_threads: usize,
 }
 
 fn default_model() -> String {
@@ -547,6 +551,7 @@ impl Default for ModelSection {
             device: DeviceChoice::default(),
             max_pixels: default_max_pixels(),
             embed_batch_size: default_embed_batch(),
+            background_threads: 0,
         }
     }
 }

@@ -268,17 +268,32 @@ where
                 .map_err(DaemonError::from)
         });
     }
+    // Background work runs on its own, smaller thread pools (burn's CPU kernels use the rayon
+    // pool they are called from), so queries on the global pool keep a core during a swap.
+    // The index worker and the trainer get one pool each: a long training run must not hold
+    // up freshness.
+    let threads = match config.model.background_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+        n => n,
+    };
+    let pool = |name: &'static str| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("rsitrd-{name}-{i}"))
+            .build()
+            .map_err(|e| DaemonError::Other(format!("{name} thread pool: {e}")))
+    };
     {
-        let shared = shared.clone();
+        let (shared, pool) = (shared.clone(), pool("index")?);
         tasks.spawn_blocking(move || {
-            index_worker(&shared);
+            pool.install(|| index_worker(&shared));
             Ok(())
         });
     }
     if config.training.enabled {
-        let shared = shared.clone();
+        let (shared, pool) = (shared.clone(), pool("train")?);
         tasks.spawn_blocking(move || {
-            trainer(&shared);
+            pool.install(|| trainer(&shared));
             Ok(())
         });
     }

@@ -424,6 +424,15 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     assert!(metrics.contains("rsitrd_http_requests_total"), "{metrics}");
     assert!(metrics.contains("rsitrd_promotions_total"));
     assert!(metrics.contains("rsitrd_embedded_samples_total"));
+    for name in [
+        "rsitrd_ingest_samples_total",
+        "rsitrd_amqp_queue_ready_messages",
+        "rsitrd_embed_backlog_samples",
+        "rsitrd_search_seconds",
+        "rsitrd_training_runs_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
 
     daemon.process.as_mut().unwrap().stop();
     // Restart: the state (live version 0 after the rollback) and the index come back.

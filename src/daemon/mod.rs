@@ -755,12 +755,14 @@ fn training_run<B: Backend>(
             &shared.store,
             &val,
             config.model.max_pixels,
+            &shared.cancel,
         )?;
         let candidate_metrics = continual::evaluate_on_store(
             &candidate.embedder,
             &shared.store,
             &val,
             config.model.max_pixels,
+            &shared.cancel,
         )?;
         let promote = candidate_metrics.mr >= live_metrics.mr - config.gate.mr_tolerance;
         let decision = if promote {

@@ -42,6 +42,8 @@ pub const KIND_HEADER: &str = "x-rsitrd-kind";
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest pause between retries of a transiently failing store commit.
 const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the queue's depth is read for the metrics.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 /// Publishes awaiting their confirm in `rsitrd publish` (bounds memory, keeps the pipe full).
 const PUBLISH_WINDOW: usize = 256;
 
@@ -231,9 +233,21 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
         .map_err(broker("consume"))?;
     tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
     let mut handlers = JoinSet::new();
+    let mut depth_tick = tokio::time::interval(QUEUE_DEPTH_EVERY);
     let result = loop {
         tokio::select! {
             () = context.cancel.cancelled() => break Ok(()),
+            _ = depth_tick.tick() => {
+                // Ready messages (a passive declare answers with the count): the backlog.
+                let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+                if let Ok(queue) = channel
+                    .queue_declare(config.queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    metrics::gauge!("rsitrd_amqp_queue_ready_messages").set(f64::from(queue.message_count()));
+                }
+                metrics::gauge!("rsitrd_amqp_in_flight_deliveries").set(handlers.len() as f64);
+            }
             Some(finished) = handlers.join_next(), if !handlers.is_empty() => {
                 match finished {
                     Ok(Ok(())) => {}

@@ -159,29 +159,42 @@ pub fn train_candidate<AB: AutodiffBackend>(
     })
 }
 
-/// R@K / mR of `embedder` on stored samples (every caption of every sample).
+/// Samples decoded and embedded at a time during evaluation (bounds memory: one chunk of
+/// preprocessed images, not the whole validation set).
+const EVAL_CHUNK: usize = 64;
+
+/// R@K / mR of `embedder` on stored samples (every caption of every sample), embedded in
+/// chunks; `cancel` is checked between chunks.
 pub fn evaluate_on_store<B: Backend>(
     embedder: &Embedder<B>,
     store: &Store,
     samples: &[SampleRecord],
     max_pixels: u64,
+    cancel: &CancellationToken,
 ) -> Result<RetrievalMetrics, ContinualError> {
     let size = embedder.image_size();
-    let pixels: Vec<Vec<f32>> = samples
-        .iter()
-        .map(|record| sample_pixels(store, record, size, max_pixels))
-        .collect::<Result<_, _>>()?;
-    let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
-    let images = embedder.embed_pixels(&refs);
-    let mut captions = Vec::new();
+    let mut images = Vec::with_capacity(samples.len());
+    let mut texts = Vec::new();
     let mut caption_image = Vec::new();
-    for (index, record) in samples.iter().enumerate() {
-        for caption in &record.captions {
-            captions.push(caption.as_str());
-            caption_image.push(index);
+    for (chunk_index, chunk) in samples.chunks(EVAL_CHUNK).enumerate() {
+        if cancel.is_cancelled() {
+            return Err(ContinualError::Cancelled);
         }
+        let pixels: Vec<Vec<f32>> = chunk
+            .iter()
+            .map(|record| sample_pixels(store, record, size, max_pixels))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+        images.extend(embedder.embed_pixels(&refs));
+        let mut captions = Vec::new();
+        for (offset, record) in chunk.iter().enumerate() {
+            for caption in &record.captions {
+                captions.push(caption.as_str());
+                caption_image.push(chunk_index * EVAL_CHUNK + offset);
+            }
+        }
+        texts.extend(embedder.embed_texts(&captions));
     }
-    let texts = embedder.embed_texts(&captions);
     let similarity = similarity_matrix(&images, &texts);
     Ok(retrieval_metrics(&similarity, images.len(), &caption_image))
 }

@@ -693,3 +693,30 @@ fn systemd_readiness_and_watchdog_notifications() {
         last = String::from_utf8_lossy(&buffer[..length]).into_owned();
     }
 }
+
+#[test]
+fn run_refuses_an_invalid_configuration_and_names_the_key() {
+    let temp = tempfile::tempdir().unwrap();
+    for (key, value, words) in [
+        ("RSITRD__HTTP__LISTEN", "everywhere", "http.listen"),
+        (
+            "RSITRD__INDEX__BACKEND",
+            "sqlite",
+            "unknown variant `sqlite`",
+        ),
+        ("RSITRD__GATE__MR_TOLERANCE", "-1", "gate.mr_tolerance"),
+        (
+            "RSITRD__TRAINING__INTERVAL",
+            "soon",
+            "invalid duration `soon`",
+        ),
+    ] {
+        let mut env = TestEnv::new(temp.path(), "unused");
+        env.extra = vec![(key.into(), value.into())];
+        let out = env.command().arg("run").output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{key}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(words), "{key}={value}: {stderr}");
+        assert!(!temp.path().join("data").exists(), "nothing started");
+    }
+}

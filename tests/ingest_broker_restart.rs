@@ -77,7 +77,7 @@ fn broker_restart_during_ingestion_loses_and_duplicates_nothing() {
     let mut env = TestEnv::new(temp.path(), &queue);
     env.amqp = true;
     env.extra = vec![("RSITRD__AMQP__PREFETCH".into(), "4".into())];
-    let first = 1500;
+    let first = 2500;
     rt.block_on(publish(&queue, 0..first));
     let mut ingest = env.start(&temp.path().join("ingest.log"));
     let _guard = RestartGuard;

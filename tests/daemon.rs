@@ -327,11 +327,26 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
         .send("{not json")
         .unwrap();
     assert_eq!(response.status(), 400);
-    let (code, _) = daemon.post(
-        "/v1/search",
-        &json!({"image_b64": "A".repeat(2_500_000), "k": 1}),
-    );
-    assert_eq!(code, 413, "oversized body");
+    // An oversized body is refused from its Content-Length, before it is read (a client that
+    // kept writing after the answer would see the connection closed).
+    {
+        use std::io::{Read, Write};
+        let address = daemon.base.trim_start_matches("http://").to_string();
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "POST /v1/search HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: 2500000\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = [0u8; 512];
+        let length = stream.read(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer[..length]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("exceeds the length limit"), "{answer}");
+    }
 
     // Training: requested, gated (tolerance 100: promoted), corpus re-embedded, switched,
     // while searches keep coming: none fails, none mixes versions.
@@ -448,6 +463,15 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     daemon.start();
     let (_, status) = daemon.get("/v1/status");
     assert_eq!(status["adapter_version"], 1);
+    daemon.process.as_mut().unwrap().stop();
+    // The index is derived data: deleted (or left out of a backup), it is rebuilt from the store.
+    std::fs::remove_dir_all(daemon.env.data.join("index")).unwrap();
+    daemon.start();
+    wait_for(Duration::from_secs(120), "the index rebuilt", || {
+        daemon.get("/v1/status").1["index_points"] == samples as u64 + captions
+    });
+    let (_, found) = daemon.post("/v1/search", &json!({"text": "queued tile 1", "k": 3}));
+    assert_eq!(found["adapter_version"], 1);
     daemon.process.as_mut().unwrap().stop();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

@@ -97,8 +97,37 @@ where
         .route("/readyz", get(readyz::<B>))
         .route("/metrics", get(metrics::<B>))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            reject_oversized::<B>,
+        ))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(shared)
+}
+
+/// Refuses a body announced larger than `http.max_body_bytes` before reading any of it
+/// (bodies without a length are still cut off at the limit while being read).
+async fn reject_oversized<B: Backend>(
+    State(shared): State<AppState<B>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let max = shared.config.http.max_body_bytes;
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = announced
+        && length > max as u64
+    {
+        return ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("request body of {length} bytes exceeds the length limit of {max} bytes (http.max_body_bytes)"),
+        }
+        .into_response();
+    }
+    next.run(request).await
 }
 
 async fn count_requests(request: Request, next: Next) -> Response {

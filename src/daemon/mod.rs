@@ -206,17 +206,34 @@ where
     };
     let dim = embedder.config.projection_dim;
     let live_version = state.live;
-    {
+    let index_was_missing = {
         let index = index.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
+        tokio::task::spawn_blocking(move || -> Result<bool, DaemonError> {
+            let missing = !index.versions()?.contains(&live_version);
             index.ensure_version(live_version, dim)?;
             if index.live()? != Some(live_version) {
                 index.set_live(live_version)?;
             }
-            Ok(())
+            Ok(missing)
         })
         .await
-        .map_err(|e| DaemonError::Other(e.to_string()))??;
+        .map_err(|e| DaemonError::Other(e.to_string()))??
+    };
+    let mut state = state;
+    if index_was_missing && state.embed_cursor > 0 {
+        // The index was deleted or lost (e.g. restored from a backup without it): rebuild it
+        // from the store, which is the source of truth.
+        tracing::warn!(
+            version = live_version,
+            "the live index version is missing: re-embedding the corpus"
+        );
+        state.embed_cursor = 0;
+        state
+            .save(&state_path)
+            .map_err(|error| DaemonError::State {
+                path: state_path.clone(),
+                error,
+            })?;
     }
     let live_metrics = state
         .versions

@@ -688,23 +688,40 @@ impl StoreReader {
             tracing::warn!(store = %root.display(), "no store here yet: nothing ingested (is store.dir right?)");
             return Ok(Self::Empty);
         }
-        match Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .open_read_only(&path)
-        {
-            Ok(db) => Ok(Self::Ledger(db)),
-            // A read-only handle cannot recover a ledger whose writer was killed; a live
-            // writer would have recovered it when it opened, so none runs: recover it here.
-            Err(redb::DatabaseError::RepairAborted) => {
-                tracing::info!(store = %root.display(), "the ledger was not closed cleanly: recovering it");
-                let policy = SplitPolicy {
-                    val_fraction: 0.0,
-                    seed: 0,
-                };
-                Ok(Self::Repaired(Box::new(Store::open(root, policy)?)))
+        // A writer that has just created the file may not have initialised it yet (an empty
+        // file is an empty store), or may be recovering it after a crash: open errors get a
+        // few short retries.
+        let mut last_error = None;
+        for _ in 0..20 {
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+                return Ok(Self::Empty);
             }
-            Err(error) => Err(StoreError::Open { path, error }),
+            match Builder::new()
+                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .open_read_only(&path)
+            {
+                Ok(db) => return Ok(Self::Ledger(db)),
+                // A read-only handle cannot recover a ledger whose writer was killed. With no
+                // writer running, recover it here; with one starting, it recovers it itself.
+                Err(redb::DatabaseError::RepairAborted) => {
+                    let policy = SplitPolicy {
+                        val_fraction: 0.0,
+                        seed: 0,
+                    };
+                    if let Ok(store) = Store::open(root, policy) {
+                        tracing::info!(store = %root.display(), "the ledger was not closed cleanly: recovered it");
+                        return Ok(Self::Repaired(Box::new(store)));
+                    }
+                    last_error = Some(redb::DatabaseError::RepairAborted);
+                }
+                Err(error) => last_error = Some(error),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
         }
+        Err(StoreError::Open {
+            path,
+            error: last_error.expect("at least one attempt"),
+        })
     }
 
     pub fn stats(&self) -> Result<Stats, StoreError> {

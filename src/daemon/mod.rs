@@ -122,6 +122,13 @@ impl<B: Backend> Shared<B> {
     }
 }
 
+fn save_state(state: &DaemonState, path: &Path) -> Result<(), DaemonError> {
+    state.save(path).map_err(|error| DaemonError::State {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
 /// Opens the configured index.
 pub fn open_index(config: &Config) -> Result<Arc<dyn VectorIndex>, DaemonError> {
     Ok(match config.index.backend {
@@ -182,12 +189,7 @@ where
                 None => 0,
             };
             let state = DaemonState::initial(initial, config.model.adapter.clone(), now_ms());
-            state
-                .save(&state_path)
-                .map_err(|error| DaemonError::State {
-                    path: state_path.clone(),
-                    error,
-                })?;
+            save_state(&state, &state_path)?;
             state
         }
     };
@@ -228,12 +230,7 @@ where
             "the live index version is missing: re-embedding the corpus"
         );
         state.embed_cursor = 0;
-        state
-            .save(&state_path)
-            .map_err(|error| DaemonError::State {
-                path: state_path.clone(),
-                error,
-            })?;
+        save_state(&state, &state_path)?;
     }
     let live_metrics = state
         .versions

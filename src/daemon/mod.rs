@@ -809,7 +809,6 @@ fn training_run<B: Backend>(
         captions: 0,
     });
     let meta = continual::candidate_meta(
-        None,
         candidate.embedder.adapter_config.clone(),
         candidate.embedder.base.fingerprint.clone(),
         version,

@@ -520,11 +520,10 @@ pub fn encode_message(
 
 /// Properties of a sample message: JSON, persistent, with its id.
 pub fn message_properties(id: &str) -> BasicProperties {
-    let id: String = id.chars().take(255).collect();
     BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
         .with_delivery_mode(2)
-        .with_message_id(ShortString::from(truncate_utf8(&id, 255)))
+        .with_message_id(ShortString::from(truncate_utf8(id, 255)))
 }
 
 fn truncate_utf8(text: &str, max: usize) -> &str {

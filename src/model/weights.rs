@@ -324,18 +324,11 @@ pub fn save_adapter<B: Backend>(
         source,
     };
     let json = serde_json::to_string(meta).expect("adapter metadata serializes");
-    // Collected in memory first, so the file only ever appears complete.
-    let mut store = SafetensorsStore::from_bytes(None)
+    let store = SafetensorsStore::from_bytes(None)
         .with_to_adapter(BurnToPyTorchAdapter)
         .with_regex(r"^adapter\.")
         .metadata(META_KEY, json);
-    model
-        .save_into(&mut store)
-        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
-    let bytes = store
-        .get_bytes()
-        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
-    write_atomically(path, &bytes).map_err(write_error)
+    write_store(model, store, path).map_err(write_error)
 }
 
 /// Writes `bytes` to `path` via a temp file in the same directory, fsynced, then renamed.
@@ -378,14 +371,21 @@ pub fn write_random_model(config_dir: &Path, out: &Path, seed: u64) -> Result<()
     };
     std::fs::create_dir_all(out).map_err(write_error)?;
     std::fs::copy(config_dir.join("config.json"), out.join("config.json")).map_err(write_error)?;
-    let mut store = SafetensorsStore::from_bytes(None)
+    let store = SafetensorsStore::from_bytes(None)
         .with_to_adapter(BurnToPyTorchAdapter)
         .with_regex(r"^(text_model|vision_model|visual_projection|text_projection)\.");
-    model
-        .save_into(&mut store)
-        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
-    let bytes = store
-        .get_bytes()
-        .map_err(|e| write_error(std::io::Error::other(e.to_string())))?;
-    write_atomically(&out.join("model.safetensors"), &bytes).map_err(write_error)
+    write_store(&model, store, &out.join("model.safetensors")).map_err(write_error)
+}
+
+/// Serializes the tensors `store` selects from `model` in memory (so the file only ever
+/// appears complete), then writes them atomically to `path`.
+fn write_store<B: Backend>(
+    model: &ClipModel<B>,
+    mut store: SafetensorsStore,
+    path: &Path,
+) -> std::io::Result<()> {
+    let other = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    model.save_into(&mut store).map_err(|e| other(&e))?;
+    let bytes = store.get_bytes().map_err(|e| other(&e))?;
+    write_atomically(path, &bytes)
 }

@@ -201,7 +201,6 @@ pub fn evaluate_on_store<B: Backend>(
 
 /// Adapter metadata of a candidate: version lineage and its gate metrics.
 pub fn candidate_meta(
-    embedder_meta: Option<&AdapterMeta>,
     adapter: crate::model::AdapterConfig,
     base_model: String,
     version: u64,
@@ -209,7 +208,6 @@ pub fn candidate_meta(
     metrics: &RetrievalMetrics,
     created_at: String,
 ) -> AdapterMeta {
-    let _ = embedder_meta;
     AdapterMeta {
         adapter,
         base_model,

@@ -46,6 +46,8 @@ const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 /// Publishes awaiting their confirm in `rsitrd publish` (bounds memory, keeps the pipe full).
 const PUBLISH_WINDOW: usize = 256;
+/// Re-publishes of a message the broker nacked before `publish` fails.
+const PUBLISH_RETRIES: u32 = 5;
 
 /// Why the AMQP source or publisher failed.
 #[derive(Debug, thiserror::Error)]
@@ -560,28 +562,30 @@ pub async fn publish_all(
         .map_err(broker("enable publisher confirms"))?;
     let mut pending = std::collections::VecDeque::new();
     let mut published = 0;
-    for message in messages {
-        let message = message?;
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                config.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &message.body,
-                message_properties(&message.id),
-            )
-            .await
-            .map_err(broker("publish"))?;
-        pending.push_back((message.id, confirm));
-        while pending.len() >= PUBLISH_WINDOW {
-            let (id, confirm) = pending.pop_front().expect("non-empty");
-            confirmed(id, confirm).await?;
-            published += 1;
-            on_confirm();
+    let mut messages = messages.peekable();
+    while messages.peek().is_some() || !pending.is_empty() {
+        if pending.len() < PUBLISH_WINDOW
+            && let Some(message) = messages.next()
+        {
+            let message = message?;
+            let confirm = publish_one(&channel, config, &message).await?;
+            pending.push_back((message, confirm));
+            continue;
         }
-    }
-    while let Some((id, confirm)) = pending.pop_front() {
-        confirmed(id, confirm).await?;
+        let (message, confirm) = pending.pop_front().expect("non-empty");
+        // A nack means the broker could not take it this time (e.g. a quorum queue still
+        // electing its leader): publish it again, a few times, before giving up.
+        let mut confirm = confirm;
+        let mut attempt = 0;
+        while !confirmed(confirm).await? {
+            attempt += 1;
+            if attempt > PUBLISH_RETRIES {
+                return Err(AmqpError::Nacked { id: message.id });
+            }
+            tracing::warn!(id = %message.id, attempt, "publish nacked by the broker: retrying");
+            tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+            confirm = publish_one(&channel, config, &message).await?;
+        }
         published += 1;
         on_confirm();
     }
@@ -589,10 +593,25 @@ pub async fn publish_all(
     Ok(published)
 }
 
-async fn confirmed(id: String, confirm: lapin::PublisherConfirm) -> Result<(), AmqpError> {
+/// Whether the broker acked the publish.
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<bool, AmqpError> {
     let confirmation = confirm.await.map_err(broker("publisher confirm"))?;
-    if confirmation.is_nack() {
-        return Err(AmqpError::Nacked { id });
-    }
-    Ok(())
+    Ok(!confirmation.is_nack())
+}
+
+async fn publish_one(
+    channel: &Channel,
+    config: &AmqpSection,
+    message: &Outgoing,
+) -> Result<lapin::PublisherConfirm, AmqpError> {
+    channel
+        .basic_publish(
+            "".into(),
+            config.queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &message.body,
+            message_properties(&message.id),
+        )
+        .await
+        .map_err(broker("publish"))
 }

@@ -563,10 +563,12 @@ fn rollback_command(config: &Config, to: Option<u64>) -> Result<()> {
 }
 
 fn ingest_command(config: &Config) -> Result<()> {
-    let store = Arc::new(open_store(config)?);
     tokio_runtime()?.block_on(async {
+        // Signals first: a SIGTERM while the store opens (repairing after a crash can take a
+        // while) must stop the process cleanly, not kill it.
         let cancel = tokio_util::sync::CancellationToken::new();
         cancel_on_signals(cancel.clone())?;
+        let store = Arc::new(open_store(config)?);
         rsitrd::ingest::run(config, store, cancel).await?;
         tracing::info!("ingestion stopped");
         Ok(())

@@ -378,24 +378,49 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let log = temp.path().join("ingest.log");
     let total = valid.len() + invalid.len();
     let mut mid_stream = 0;
-    for round in 0..5 {
-        let mut ingest = env.start(&log);
-        let pause = rng.random_range(100..600);
-        std::thread::sleep(Duration::from_millis(pause));
-        ingest.kill9();
+    let handled = || {
         let stats = env.stats();
-        let handled = stats["samples"].as_u64().unwrap() + stats["rejected"].as_u64().unwrap();
-        if handled < total as u64 {
+        stats["samples"].as_u64().unwrap() + stats["rejected"].as_u64().unwrap()
+    };
+    let mut before = 0;
+    for round in 0..5 {
+        // Kill at a random point of what is left (a fixed delay would, on a fast machine,
+        // land after the end): once 10-40 % more of the remainder is handled, plus 0-30 ms.
+        let target = before + (total as u64 - before) * rng.random_range(10..40) / 100;
+        let mut ingest = env.start(&log);
+        let started = std::time::Instant::now();
+        while handled() < target && started.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..30)));
+        ingest.kill9();
+        let after = handled();
+        if after < total as u64 {
             mid_stream += 1;
         }
-        println!("round {round}: killed after {pause} ms, {handled} of {total} handled");
+        println!(
+            "round {round}: killed after {} ms, {after} of {total} handled",
+            started.elapsed().as_millis()
+        );
+        before = after;
     }
     assert!(
         mid_stream >= 2,
         "the kills must interrupt ingestion, not follow it"
     );
+    let consuming =
+        |ingest: &common::ingest::Ingest| ingest.log_text().matches("\"consuming\"").count();
+    let consumers_before = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("\"consuming\"")
+        .count();
     let mut ingest = env.start(&log);
     let connection = rt.block_on(common::ingest::broker());
+    // The last kill may already have seen everything through: wait until this process consumes,
+    // so that the stop below tests its clean shutdown rather than its start-up.
+    wait_for(Duration::from_secs(30), "the consumer to start", || {
+        consuming(&ingest) > consumers_before
+    });
     wait_for(
         Duration::from_secs(90),
         "all messages handled after the crashes",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side CPU benchmark at ViT-B/32 size (random weights): rsitrd (burn-flex) and the
 # same work in PyTorch (tests/bench_torch.py), in one run on the same machine.
-#   PYTHON=/path/to/venv/bin/python FEATURES="--features avx512" bench/compare.sh
+#   PYTHON=/path/to/venv/bin/python bench/compare.sh
 # Needs torch, transformers and open_clip_torch in $PYTHON (see tests/make_fixtures.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,8 @@ print()
 print("| measure | rsitrd | PyTorch | rsitrd / PyTorch |")
 print("|---|---|---|---|")
 for key, label in [("image_embed_per_s", "image embedding (images/s)"), ("text_embed_per_s", "text embedding (captions/s)"),
-                   ("train_pairs_per_s", "adapter training (pairs/s)"), ("peak_rss_mib", "peak RSS (MiB)")]:
+                   ("train_pairs_per_s", "adapter training (pairs/s)"), ("matmul_gflops", "matmul alone, MLP shape (GFLOP/s)"),
+                   ("peak_rss_mib", "peak RSS (MiB)")]:
     r, t = rust[key], torch[key]
     print(f"| {label} | {r:.2f} | {t:.2f} | {r / t:.2f} |")
 print()

@@ -24,6 +24,8 @@ pub struct BenchOptions {
     pub train: bool,
     /// Time evaluation ranking (similarity + R@K) at RSICD test size.
     pub ranking: bool,
+    /// Time the model's largest matmul alone (the MLP's first layer at the training shape).
+    pub matmul: bool,
     /// Captions to embed / train on (cycled).
     pub captions: Vec<String>,
     pub seed: u64,
@@ -42,6 +44,9 @@ pub struct BenchReport {
     pub train_step_ms: Option<f64>,
     /// Similarity matrix + R@K/mR for 1,093 images × 5,465 captions (RSICD test), seconds.
     pub ranking_seconds: Option<f64>,
+    /// The vision MLP's first matmul at the training shape ([2·batch·tokens, width] ×
+    /// [width, intermediate]), GFLOP/s of the backend's matmul alone.
+    pub matmul_gflops: Option<f64>,
     pub trainable_params: usize,
     /// Peak resident memory of the process (VmHWM) at the end of the run.
     pub peak_rss_mib: Option<f64>,
@@ -100,6 +105,7 @@ pub fn run<AB: AutodiffBackend>(
         train_pairs_per_s: None,
         train_step_ms: None,
         ranking_seconds: None,
+        matmul_gflops: None,
         trainable_params: adapter.trainable_params(config),
         peak_rss_mib: None,
     };
@@ -170,6 +176,27 @@ pub fn run<AB: AutodiffBackend>(
     }
     if options.ranking {
         report.ranking_seconds = Some(ranking_seconds(config.projection_dim, options.seed));
+    }
+    if options.matmul {
+        let vision = &config.vision_config;
+        let tokens = (size / patch) * (size / patch) + 1;
+        let (m, k, n) = (
+            2 * options.batch_size * tokens,
+            vision.hidden_size,
+            vision.intermediate_size,
+        );
+        let lhs = Tensor::<AB::InnerBackend, 2>::random([m, k], Distribution::Default, device);
+        let rhs = Tensor::<AB::InnerBackend, 2>::random([k, n], Distribution::Default, device);
+        // 10 products per iteration: each is milliseconds, too short to time alone.
+        let seconds = timed(Box::new(|_| {
+            for _ in 0..10 {
+                let product = lhs.clone().matmul(rhs.clone());
+                // Reading one value waits for the product on asynchronous backends.
+                let _ = product.slice([0..1, 0..1]).into_scalar();
+            }
+        }));
+        let flops = 2.0 * m as f64 * k as f64 * n as f64 * 10.0 * iterations as f64;
+        report.matmul_gflops = Some(flops / seconds / 1e9);
     }
     report.peak_rss_mib = peak_rss_mib();
     report

@@ -226,8 +226,8 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = 3)]
         iterations: usize,
-        /// Comma-separated subset of image,text,train,ranking.
-        #[arg(long, default_value = "image,text,train,ranking")]
+        /// Comma-separated subset of image,text,train,ranking,matmul.
+        #[arg(long, default_value = "image,text,train,ranking,matmul")]
         only: String,
         /// Karpathy dataset whose captions are used as text inputs.
         #[arg(long)]
@@ -451,8 +451,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         } => {
             let parts: Vec<&str> = only.split(',').map(str::trim).collect();
             for part in &parts {
-                if !["image", "text", "train", "ranking"].contains(part) {
-                    bail!("--only: unknown part `{part}` (expected image, text, train or ranking)");
+                if !["image", "text", "train", "ranking", "matmul"].contains(part) {
+                    bail!(
+                        "--only: unknown part `{part}` (expected image, text, train, ranking or matmul)"
+                    );
                 }
             }
             let captions = match captions {
@@ -466,6 +468,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 text: parts.contains(&"text"),
                 train: parts.contains(&"train"),
                 ranking: parts.contains(&"ranking"),
+                matmul: parts.contains(&"matmul"),
                 captions,
                 seed,
             };

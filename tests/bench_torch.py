@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--captions")
-    parser.add_argument("--only", default="image,text,train")
+    parser.add_argument("--only", default="image,text,train,matmul")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -158,6 +158,18 @@ def main():
         seconds = timed(step)
         report["train_pairs_per_s"] = rate(seconds)
         report["train_step_ms"] = 1000 * seconds / args.iterations
+    if "matmul" in only:
+        # The vision MLP's first matmul at the training shape, like `rsitrd bench`'s matmul.
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        m, k, w = 2 * n * tokens, vision.hidden_size, vision.intermediate_size
+        lhs, rhs = torch.randn(m, k), torch.randn(k, w)
+
+        def products(i):
+            for _ in range(10):
+                lhs @ rhs
+
+        report["matmul_gflops"] = 2 * m * k * w * 10 * args.iterations / timed(products) / 1e9
     report["trainable_params"] = sum(p.numel() for p in adapter.parameters())
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(report))

@@ -87,3 +87,38 @@ fn missing_model_dir_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// `rsitrd bench` (what docs/PERFORMANCE.md and tests/cuda_check.sh run) measures every part it
+/// is asked for on a real checkpoint, with rates that are positive and finite, and refuses an
+/// unknown part.
+#[test]
+fn bench_reports_every_requested_part() {
+    let out = run_ok(
+        rsitrd()
+            .args(["bench", "--batch-size", "2", "--iterations", "1", "--model"])
+            .arg(fixture("tiny-clip"))
+            .args(["--only", "image,text,train,matmul"]),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "image_embed_per_s",
+        "text_embed_per_s",
+        "train_pairs_per_s",
+        "train_step_ms",
+        "matmul_gflops",
+    ] {
+        let value = report[key].as_f64().unwrap_or(f64::NAN);
+        assert!(value.is_finite() && value > 0.0, "{key}: {report}");
+    }
+    assert!(report["ranking_seconds"].is_null(), "not asked: {report}");
+    assert_eq!(report["trainable_params"], 2_536, "{report}");
+
+    let out = rsitrd()
+        .args(["bench", "--only", "image,speed", "--model"])
+        .arg(fixture("tiny-clip"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown part `speed`"), "{stderr}");
+}

@@ -634,3 +634,106 @@ fn a_failing_store_keeps_the_message_unacked_and_retries_without_spinning() {
     assert_eq!(env.stats()["rejected"], 0);
     rt.block_on(cleanup(&connection, &queue));
 }
+
+/// A RabbitMQ policy on one queue, cleared on drop.
+struct Policy(String);
+
+impl Policy {
+    /// `reject-publish` overflow at `max_length` messages: the broker nacks further publishes
+    /// (publisher confirms) until a consumer makes room.
+    fn reject_publish_beyond(queue: &str, max_length: u32) -> Self {
+        let name = format!("{queue}.policy");
+        let pattern = format!("^{}$", queue.replace('.', "\\."));
+        let definition = json!({"max-length": max_length, "overflow": "reject-publish"});
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["set_policy", "--apply-to", "queues", &name, &pattern])
+            .arg(definition.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("rabbitmqctl (the tests need the broker's CLI)");
+        assert!(status.success(), "rabbitmqctl set_policy failed");
+        Self(name)
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The broker refusing publishes (a full queue with `reject-publish`: real nacks, no double):
+/// with nobody consuming, `rsitrd publish` retries, then fails naming the refused message;
+/// when a consumer makes room while it retries, every message goes through, stored once.
+#[test]
+fn publish_republishes_what_the_broker_nacks() {
+    let temp = tempfile::tempdir().unwrap();
+    let queue = unique("nack");
+    let _policy = Policy::reject_publish_beyond(&queue, 5);
+    let mut env = TestEnv::new(temp.path(), &queue);
+    let rt = runtime();
+    let connection = rt.block_on(common::ingest::broker());
+    let publish = |env: &TestEnv| {
+        let mut command = env.command();
+        command
+            .arg("publish")
+            .arg("--dataset")
+            .arg(common::rs_mini_dir().join("dataset.json"))
+            .arg("--images")
+            .arg(common::rs_mini_dir().join("images"));
+        command
+    };
+
+    // Nobody consumes: the queue fills, then publish gives up after its retries.
+    let out = publish(&env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the broker refused message") && stderr.contains("nack"),
+        "{stderr}"
+    );
+    let retries = stderr
+        .matches("publish nacked by the broker: retrying")
+        .count();
+    assert!(retries >= 5, "{retries} retries: {stderr}");
+    let queued = rt.block_on(queue_len(&connection, &queue));
+    assert!(0 < queued && queued < 26, "{queued} queued");
+    rt.block_on(cleanup(&connection, &queue));
+
+    // Refused again, and a consumer starts meanwhile: publish completes, nothing twice.
+    let log = temp.path().join("publish.log");
+    let mut publisher = publish(&env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "a nacked publish", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("publish nacked by the broker: retrying")
+    });
+    env.amqp = true;
+    let mut ingest = env.start(&temp.path().join("ingest.log"));
+    let status = publisher.wait().unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut publisher.stdout.take().unwrap(), &mut stdout).unwrap();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "{log_text}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert_eq!(summary["published"], 26, "{summary}");
+    wait_for(Duration::from_secs(60), "26 samples", || {
+        env.stats()["samples"] == 26
+    });
+    ingest.stop();
+    let stats = env.stats();
+    assert_eq!(stats["samples"], 26, "{stats}");
+    assert_eq!(stats["captions"], 130 - duplicate_captions(), "{stats}");
+    assert_eq!(
+        stats["duplicates"], 0,
+        "a re-publish is not a second copy: {stats}"
+    );
+    rt.block_on(cleanup(&connection, &queue));
+}

@@ -46,8 +46,10 @@ const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
 /// Publishes awaiting their confirm in `rsitrd publish` (bounds memory, keeps the pipe full).
 const PUBLISH_WINDOW: usize = 256;
-/// Re-publishes of a message the broker nacked before `publish` fails.
+/// Re-publishes of a message the broker nacked before `publish` fails; the waits double from
+/// [`PUBLISH_RETRY_FIRST_WAIT`] (0.2 + 0.4 + … + 3.2 = 6.2 s in all).
 const PUBLISH_RETRIES: u32 = 5;
+const PUBLISH_RETRY_FIRST_WAIT: Duration = Duration::from_millis(200);
 
 /// Why the AMQP source or publisher failed.
 #[derive(Debug, thiserror::Error)]
@@ -583,7 +585,7 @@ pub async fn publish_all(
                 return Err(AmqpError::Nacked { id: message.id });
             }
             tracing::warn!(id = %message.id, attempt, "publish nacked by the broker: retrying");
-            tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+            tokio::time::sleep(PUBLISH_RETRY_FIRST_WAIT * (1 << (attempt - 1))).await;
             confirm = publish_one(&channel, config, &message).await?;
         }
         published += 1;

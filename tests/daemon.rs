@@ -574,7 +574,7 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
         &[
             ("RSITRD__MODEL__ADAPTER", adapter.as_str()),
             ("RSITRD__GATE__MR_TOLERANCE", "100"),
-            ("RSITRD__TRAINING__STEPS", "200"),
+            ("RSITRD__TRAINING__STEPS", "600"),
             ("RSITRD__TRAINING__BATCH_SIZE", "16"),
             ("RSITRD__TRAINING__LR", "0.005"),
             ("RSITRD__INDEX__EMBED_BATCH", "1"),
@@ -600,26 +600,32 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
         let (_, status) = daemon.get("/v1/status");
         status["samples"]["samples"] == total && status["backlog"] == 0
     });
-    let own_image_in_top5 = |daemon: &Daemon| -> usize {
-        common::rs_mini()
+    // For every rs-mini caption, where its own image ranks among the 26 (1-based; 6 = not
+    // in the top 5): (captions ranking it first, captions with it in the top 5).
+    let own_image_ranks = |daemon: &Daemon| -> (usize, usize) {
+        let ranks: Vec<usize> = common::rs_mini()
             .iter()
             .flat_map(|s| s.captions.iter().map(move |c| (s, c)))
-            .filter(|(sample, caption)| {
+            .map(|(sample, caption)| {
                 let (_, found) = daemon.post(
                     "/v1/search",
                     &json!({"text": caption, "k": 5, "filter": {"metadata.set": "rs-mini"}}),
                 );
                 let id = rsitrd::store::SampleId::of_image(&std::fs::read(&sample.path).unwrap())
                     .to_hex();
-                found["results"]
-                    .as_array()
-                    .unwrap()
+                let results = found["results"].as_array().unwrap();
+                results
                     .iter()
-                    .any(|r| r["sample_id"] == id)
+                    .position(|r| r["sample_id"] == id)
+                    .map_or(6, |p| p + 1)
             })
-            .count()
+            .collect();
+        (
+            ranks.iter().filter(|&&r| r == 1).count(),
+            ranks.iter().filter(|&&r| r <= 5).count(),
+        )
     };
-    let before = own_image_in_top5(&daemon);
+    let (first_before, top5_before) = own_image_ranks(&daemon);
 
     // SIGKILL during training: the requested run is in the durable state and runs again.
     assert_eq!(daemon.post("/v1/train", &json!({})).0, 202);
@@ -660,12 +666,25 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
         "the killed run left no record; its re-run did"
     );
 
-    // Trained through the daemon: captions find their own image among the top 5 of the 26
-    // rs-mini images far more often, and the gate measured a gain on held-out samples.
-    let after = own_image_in_top5(&daemon);
-    println!("captions with their own image in the top 5: {before} before, {after} after (of 130)");
+    // Trained through the daemon: captions rank their own image first, and among the top 5,
+    // of the 26 rs-mini images far more often, and the gate measured a gain on held-out
+    // samples.
+    let (first_after, top5_after) = own_image_ranks(&daemon);
+    println!(
+        "of 130 captions, own image first: {first_before} before, {first_after} after; \
+         in the top 5: {top5_before} before, {top5_after} after"
+    );
     println!("run: {runs}");
-    assert!(after >= before + 10, "{before} -> {after}");
+    // Seen in three runs: 7 -> 32, 25 and 21 first, 23 -> 78, 67 and 70 in the top 5
+    // (chance: 5 and 25; runs are not bit-identical here).
+    assert!(
+        first_after >= first_before + 8,
+        "first: {first_before} -> {first_after}"
+    );
+    assert!(
+        top5_after >= top5_before + 25,
+        "{top5_before} -> {top5_after}"
+    );
     let run: Value = serde_json::from_str(runs.lines().next().unwrap()).unwrap();
     assert!(
         run["candidate_metrics"]["mr"].as_f64() > run["live_metrics"]["mr"].as_f64(),

@@ -518,6 +518,10 @@ pub struct ModelSection {
     /// Adapter checkpoint (`rsitrd train` output); none = the untrained adapter.
     #[serde(default)]
     pub adapter: Option<PathBuf>,
+    /// Where the daemon writes its candidate adapters (`vN.safetensors`) and run log
+    /// (`runs.jsonl`); none = `<store.dir>/adapters`.
+    #[serde(default)]
+    pub adapter_dir: Option<PathBuf>,
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: DeviceChoice,
@@ -548,6 +552,7 @@ impl Default for ModelSection {
         Self {
             dir: default_model(),
             adapter: None,
+            adapter_dir: None,
             device: DeviceChoice::default(),
             max_pixels: default_max_pixels(),
             embed_batch_size: default_embed_batch(),
@@ -557,6 +562,14 @@ impl Default for ModelSection {
 }
 
 impl Config {
+    /// The daemon's adapter directory: `model.adapter_dir`, or `<store.dir>/adapters`.
+    pub fn adapters_dir(&self) -> PathBuf {
+        self.model
+            .adapter_dir
+            .clone()
+            .unwrap_or_else(|| self.store.dir.join("adapters"))
+    }
+
     /// Defaults, then `path` (if any), then `RSITRD__SECTION__KEY` variables from `env`.
     pub fn load(
         path: Option<&Path>,

@@ -483,12 +483,16 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
 #[test]
 fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
     let temp = tempfile::tempdir().unwrap();
+    // Candidates go to a configured adapter directory outside the data directory.
+    let adapter_dir = temp.path().join("elsewhere/adapters");
+    let adapter_dir_value = adapter_dir.display().to_string();
     // A candidate made worse on purpose: a learning rate that blows the adapter up.
     let mut daemon = Daemon::new(
         temp.path(),
         &[
             ("RSITRD__TRAINING__LR", "1e30"),
             ("RSITRD__GATE__MR_TOLERANCE", "0"),
+            ("RSITRD__MODEL__ADAPTER_DIR", adapter_dir_value.as_str()),
         ],
     );
     daemon.env.extra.retain(|(k, _)| k != "RSITRD_API_TOKEN");
@@ -536,9 +540,12 @@ fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
     assert_eq!(found["adapter_version"], 0);
     assert_eq!(status["index_versions"], json!([0]));
     assert!(
-        daemon.env.data.join("adapters/v1.safetensors").exists(),
-        "the candidate is kept on disk"
+        adapter_dir.join("v1.safetensors").exists(),
+        "the candidate is kept on disk, in model.adapter_dir"
     );
+    let runs = std::fs::read_to_string(adapter_dir.join("runs.jsonl")).unwrap();
+    assert!(runs.contains("rejected"), "{runs}");
+    assert!(!daemon.env.data.join("adapters").exists());
     daemon.process.as_mut().unwrap().stop();
 }
 

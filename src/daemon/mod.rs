@@ -173,7 +173,7 @@ where
     )?);
     let index = open_index(&config)?;
     let state_path = data_dir.join("state.json");
-    let adapters_dir = data_dir.join("adapters");
+    let adapters_dir = config.adapters_dir();
     std::fs::create_dir_all(&adapters_dir).map_err(|error| DaemonError::State {
         path: adapters_dir.clone(),
         error,

@@ -62,7 +62,8 @@ pub fn sample_pixels(
 }
 
 /// Trains `steps` adapter steps starting from `parent` (none: the untrained adapter) on
-/// `samples`, one random caption per image per step, batches of `config.batch_size`.
+/// `samples`, one random caption per image per step, batches of `config.batch_size`. The
+/// result depends on `seed` and the set of samples, not on their order.
 #[allow(clippy::too_many_arguments)]
 pub fn train_candidate<AB: AutodiffBackend>(
     model_dir: &Path,
@@ -93,7 +94,10 @@ pub fn train_candidate<AB: AutodiffBackend>(
     let mut trainer = AdapterTrainer::new(start.model, LossConfig::default());
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let batch = config.batch_size.min(samples.len());
+    // Batches depend on the set of samples, not on the order they arrived in (ingestion
+    // commits concurrently validated samples in a varying order): a seeded run is repeatable.
     let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| samples[i].id);
     let mut cursor = order.len();
     let (mut first_loss, mut last_loss, mut finite) = (f32::NAN, f32::NAN, true);
     for step in 0..config.steps {

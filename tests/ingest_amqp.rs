@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use base64::Engine;
-use common::ingest::{TestEnv, cleanup, drain, queue_len, synthetic_png, unique, wait_for};
+use common::ingest::{
+    TestEnv, cleanup, drain, queue_len, rabbitmqctl, synthetic_png, unique, wait_for,
+};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use rand::Rng;
 use rsitrd::config::AmqpSection;
@@ -408,18 +410,19 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         mid_stream >= 2,
         "the kills must interrupt ingestion, not follow it"
     );
-    let consuming =
-        |ingest: &common::ingest::Ingest| ingest.log_text().matches("\"consuming\"").count();
-    let consumers_before = std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .matches("\"consuming\"")
-        .count();
+    let consuming = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("\"consuming\"")
+            .count()
+    };
+    let consumers_before = consuming();
     let mut ingest = env.start(&log);
     let connection = rt.block_on(common::ingest::broker());
     // The last kill may already have seen everything through: wait until this process consumes,
     // so that the stop below tests its clean shutdown rather than its start-up.
     wait_for(Duration::from_secs(30), "the consumer to start", || {
-        consuming(&ingest) > consumers_before
+        consuming() > consumers_before
     });
     wait_for(
         Duration::from_secs(90),
@@ -510,16 +513,21 @@ fn publish_then_ingest_and_import_store_the_dataset() {
     rt.block_on(cleanup(&connection, &queue));
 }
 
+/// `rsitrd publish|import --dataset rs-mini` with `env`, not yet run.
+fn dataset_command_line(env: &TestEnv, verb: &str) -> std::process::Command {
+    let mut command = env.command();
+    command
+        .arg(verb)
+        .arg("--dataset")
+        .arg(common::rs_mini_dir().join("dataset.json"))
+        .arg("--images")
+        .arg(common::rs_mini_dir().join("images"));
+    command
+}
+
 /// `rsitrd publish|import --dataset rs-mini` with `env`; its JSON summary.
 fn dataset_command(env: &TestEnv, verb: &str) -> serde_json::Value {
-    let out = common::run_ok(
-        env.command()
-            .arg(verb)
-            .arg("--dataset")
-            .arg(common::rs_mini_dir().join("dataset.json"))
-            .arg("--images")
-            .arg(common::rs_mini_dir().join("images")),
-    );
+    let out = common::run_ok(&mut dataset_command_line(env, verb));
     serde_json::from_slice(&out.stdout).expect("a JSON summary")
 }
 
@@ -645,23 +653,24 @@ impl Policy {
         let name = format!("{queue}.policy");
         let pattern = format!("^{}$", queue.replace('.', "\\."));
         let definition = json!({"max-length": max_length, "overflow": "reject-publish"});
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["set_policy", "--apply-to", "queues", &name, &pattern])
-            .arg(definition.to_string())
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("rabbitmqctl (the tests need the broker's CLI)");
-        assert!(status.success(), "rabbitmqctl set_policy failed");
+        assert!(
+            rabbitmqctl(&[
+                "set_policy",
+                "--apply-to",
+                "queues",
+                &name,
+                &pattern,
+                &definition.to_string(),
+            ]),
+            "rabbitmqctl set_policy failed (the tests need the broker's CLI)"
+        );
         Self(name)
     }
 }
 
 impl Drop for Policy {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .stdout(std::process::Stdio::null())
-            .status();
+        rabbitmqctl(&["clear_policy", &self.0]);
     }
 }
 
@@ -676,19 +685,9 @@ fn publish_republishes_what_the_broker_nacks() {
     let mut env = TestEnv::new(temp.path(), &queue);
     let rt = runtime();
     let connection = rt.block_on(common::ingest::broker());
-    let publish = |env: &TestEnv| {
-        let mut command = env.command();
-        command
-            .arg("publish")
-            .arg("--dataset")
-            .arg(common::rs_mini_dir().join("dataset.json"))
-            .arg("--images")
-            .arg(common::rs_mini_dir().join("images"));
-        command
-    };
 
     // Nobody consumes: the queue fills, then publish gives up after its retries.
-    let out = publish(&env).output().unwrap();
+    let out = dataset_command_line(&env, "publish").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -705,7 +704,7 @@ fn publish_republishes_what_the_broker_nacks() {
 
     // Refused again, and a consumer starts meanwhile: publish completes, nothing twice.
     let log = temp.path().join("publish.log");
-    let mut publisher = publish(&env)
+    let publisher = dataset_command_line(&env, "publish")
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -717,12 +716,10 @@ fn publish_republishes_what_the_broker_nacks() {
     });
     env.amqp = true;
     let mut ingest = env.start(&temp.path().join("ingest.log"));
-    let status = publisher.wait().unwrap();
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut publisher.stdout.take().unwrap(), &mut stdout).unwrap();
+    let out = publisher.wait_with_output().unwrap();
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(status.success(), "{log_text}");
-    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert!(out.status.success(), "{log_text}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
     assert_eq!(summary["published"], 26, "{summary}");
     wait_for(Duration::from_secs(60), "26 samples", || {
         env.stats()["samples"] == 26

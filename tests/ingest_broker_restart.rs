@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use common::ingest::{TestEnv, cleanup, queue_len, synthetic_png, unique, wait_for};
+use common::ingest::{TestEnv, cleanup, queue_len, rabbitmqctl, synthetic_png, unique, wait_for};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use rsitrd::config::AmqpSection;
 use rsitrd::ingest::amqp::{declare_topology, message_properties};
@@ -17,17 +17,8 @@ struct RestartGuard;
 
 impl Drop for RestartGuard {
     fn drop(&mut self) {
-        let _ = rabbitmqctl("start_app");
+        let _ = rabbitmqctl(&["start_app"]);
     }
-}
-
-fn rabbitmqctl(action: &str) -> bool {
-    std::process::Command::new("rabbitmqctl")
-        .arg(action)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 async fn publish(queue: &str, range: std::ops::Range<u32>) {
@@ -67,7 +58,7 @@ async fn publish(queue: &str, range: std::ops::Range<u32>) {
 
 #[test]
 fn broker_restart_during_ingestion_loses_and_duplicates_nothing() {
-    if !rabbitmqctl("status") {
+    if !rabbitmqctl(&["status"]) {
         println!("skipped: rabbitmqctl cannot control the local broker");
         return;
     }
@@ -82,7 +73,7 @@ fn broker_restart_during_ingestion_loses_and_duplicates_nothing() {
     let mut ingest = env.start(&temp.path().join("ingest.log"));
     let _guard = RestartGuard;
     std::thread::sleep(Duration::from_millis(150));
-    assert!(rabbitmqctl("stop_app"), "stop the broker");
+    assert!(rabbitmqctl(&["stop_app"]), "stop the broker");
     let stats = env.stats();
     let at_stop = stats["samples"].as_u64().unwrap();
     println!("{at_stop} of {first} stored when the broker stopped");
@@ -91,7 +82,7 @@ fn broker_restart_during_ingestion_loses_and_duplicates_nothing() {
         ingest.alive(),
         "the ingester survives the broker going away"
     );
-    assert!(rabbitmqctl("start_app"), "start the broker");
+    assert!(rabbitmqctl(&["start_app"]), "start the broker");
     wait_for(Duration::from_secs(60), "the broker back", || {
         std::net::TcpStream::connect("127.0.0.1:5672").is_ok()
     });

@@ -574,10 +574,9 @@ pub async fn publish_all(
             pending.push_back((message, confirm));
             continue;
         }
-        let (message, confirm) = pending.pop_front().expect("non-empty");
+        let (message, mut confirm) = pending.pop_front().expect("non-empty");
         // A nack means the broker could not take it this time (e.g. a quorum queue still
         // electing its leader): publish it again, a few times, before giving up.
-        let mut confirm = confirm;
         let mut attempt = 0;
         while !confirmed(confirm).await? {
             attempt += 1;

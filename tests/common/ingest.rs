@@ -170,6 +170,16 @@ impl Drop for Ingest {
     }
 }
 
+/// Runs the broker's CLI (`rabbitmqctl ARGS…`); whether it succeeded.
+pub fn rabbitmqctl(args: &[&str]) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 /// Polls `condition` until it holds or `timeout` passes (then panics with `what`).
 pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

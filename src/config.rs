@@ -234,6 +234,11 @@ pub struct HttpSection {
     /// Largest `k` of a search.
     #[serde(default = "default_max_k")]
     pub max_k: usize,
+    /// Queries (`/v1/search`, `/v1/embed`) encoded at once; more are answered 503 with
+    /// `Retry-After` instead of queueing. Bounds the CPU and the memory requests can take:
+    /// each image query holds at most one decoded image (`model.max_pixels`).
+    #[serde(default = "default_max_concurrent_encodes")]
+    pub max_concurrent_encodes: usize,
 }
 
 fn default_listen() -> String {
@@ -248,6 +253,9 @@ fn default_max_body() -> usize {
 fn default_max_k() -> usize {
     1000
 }
+fn default_max_concurrent_encodes() -> usize {
+    4
+}
 
 impl Default for HttpSection {
     fn default() -> Self {
@@ -256,6 +264,7 @@ impl Default for HttpSection {
             bearer_token_env: default_token_env(),
             max_body_bytes: default_max_body(),
             max_k: default_max_k(),
+            max_concurrent_encodes: default_max_concurrent_encodes(),
         }
     }
 }
@@ -528,6 +537,10 @@ pub struct ModelSection {
     /// Largest accepted image in pixels (width × height).
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
+    /// Largest accepted ratio of an image's long side to its short side (CLIP keeps only the
+    /// centre square); checked with `max_pixels` at ingest, on stored samples and on queries.
+    #[serde(default = "default_max_aspect_ratio")]
+    pub max_aspect_ratio: u32,
     /// Inputs per forward pass when embedding.
     #[serde(default = "default_embed_batch")]
     pub embed_batch_size: usize,
@@ -543,6 +556,9 @@ fn default_model() -> String {
 fn default_max_pixels() -> u64 {
     DEFAULT_MAX_PIXELS
 }
+fn default_max_aspect_ratio() -> u32 {
+    crate::model::preprocess::DEFAULT_MAX_ASPECT_RATIO
+}
 fn default_embed_batch() -> usize {
     DEFAULT_EMBED_BATCH
 }
@@ -555,6 +571,7 @@ impl Default for ModelSection {
             adapter_dir: None,
             device: DeviceChoice::default(),
             max_pixels: default_max_pixels(),
+            max_aspect_ratio: default_max_aspect_ratio(),
             embed_batch_size: default_embed_batch(),
             background_threads: 0,
         }
@@ -635,6 +652,11 @@ impl Config {
         Ok(config)
     }
 
+    /// The image limits every path checks (ingest, stored samples, queries).
+    pub fn image_limits(&self) -> crate::model::preprocess::ImageLimits {
+        crate::model::preprocess::ImageLimits::new(self.model.max_pixels, self.model.max_aspect_ratio)
+    }
+
     /// Checks values serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         if self.model.dir.trim().is_empty() {
@@ -642,6 +664,9 @@ impl Config {
         }
         if self.model.max_pixels == 0 {
             return Err("model.max_pixels must be positive".into());
+        }
+        if self.model.max_aspect_ratio == 0 {
+            return Err("model.max_aspect_ratio must be at least 1".into());
         }
         if self.model.embed_batch_size == 0 {
             return Err("model.embed_batch_size must be positive".into());
@@ -693,6 +718,9 @@ impl Config {
         }
         if self.http.max_k == 0 {
             return Err("http.max_k must be positive".into());
+        }
+        if self.http.max_concurrent_encodes == 0 {
+            return Err("http.max_concurrent_encodes must be positive".into());
         }
         if self.inbox.settle.is_zero() || self.inbox.rescan_interval.is_zero() {
             return Err("inbox.settle and inbox.rescan_interval must be positive".into());

@@ -12,7 +12,7 @@ use rsitrd::data::{Dataset, Split};
 use rsitrd::model::LossKind;
 use rsitrd::model::config::backbone_params;
 use rsitrd::model::device::DeviceChoice;
-use rsitrd::model::preprocess::{decode_image, preprocess};
+use rsitrd::model::preprocess::{ImageLimits, load_image};
 use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, hub};
 use rsitrd::train::offline::{self, TrainConfig};
 use rsitrd::{bench, with_backend};
@@ -175,6 +175,20 @@ enum Command {
         dataset: PathBuf,
         #[arg(long)]
         images: PathBuf,
+    },
+    /// List the quarantine (stored samples that a stage could not use, with the stage and
+    /// the reason), or release samples from it once fixed so that they are embedded again
+    /// (through the running daemon's API, or directly when it is stopped).
+    Quarantine {
+        /// Release these sample ids (64 hex digits each; repeat the flag).
+        #[arg(long, value_name = "SAMPLE_ID")]
+        release: Vec<String>,
+        /// Release every quarantined sample.
+        #[arg(long, conflicts_with = "release")]
+        release_all: bool,
+        /// One JSON object (the default is one line per sample).
+        #[arg(long)]
+        json: bool,
     },
     /// Store counts (readable while the daemon runs).
     Stats {
@@ -418,6 +432,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Publish { dataset, images } => publish_command(&config, &dataset, &images),
         Command::Import { dataset, images } => import_command(&config, &dataset, &images),
         Command::Stats { json } => stats_command(&config, json),
+        Command::Quarantine {
+            release,
+            release_all,
+            json,
+        } => quarantine_command(&config, &release, release_all, json),
         Command::BenchIngest {
             dataset,
             images,
@@ -627,6 +646,65 @@ fn stats_command(config: &Config, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn quarantine_command(config: &Config, release: &[String], all: bool, json: bool) -> Result<()> {
+    if release.is_empty() && !all {
+        let dir = config.store.store_dir();
+        let reader = rsitrd::store::StoreReader::open(&dir)
+            .with_context(|| format!("cannot read the store in {}", dir.display()))?;
+        let records = reader.quarantined()?;
+        if json {
+            println!("{}", serde_json::json!({ "quarantined": records }));
+        } else {
+            for record in records {
+                println!("{}\t{}\t{}", record.id, record.stage, record.reason);
+            }
+        }
+        return Ok(());
+    }
+    let ids: Vec<rsitrd::store::SampleId> = release
+        .iter()
+        .map(|hex| {
+            rsitrd::store::SampleId::parse(hex)
+                .with_context(|| format!("`{hex}` is not a sample id (64 hex digits)"))
+        })
+        .collect::<Result<_>>()?;
+    // The daemon owns the ledger while it runs: ask it; when it is stopped, write directly.
+    let url = format!("http://{}/v1/quarantine/release", config.http.listen);
+    let body = if all {
+        serde_json::json!({ "all": true })
+    } else {
+        serde_json::json!({ "ids": release })
+    };
+    let mut request = ureq::post(&url);
+    if let Ok(token) = std::env::var(&config.http.bearer_token_env)
+        && !token.is_empty()
+    {
+        request = request.header("Authorization", &format!("Bearer {token}"));
+    }
+    match request
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(&body)
+    {
+        Ok(mut response) => {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            if !response.status().is_success() {
+                bail!("release refused by the daemon: {text}");
+            }
+            println!("{text}");
+            Ok(())
+        }
+        Err(ureq::Error::Io(_)) | Err(ureq::Error::ConnectionFailed) => {
+            let store = open_store(config)?;
+            let released = store.release(if all { None } else { Some(&ids) })?;
+            println!("{}", serde_json::json!({ "released": released }));
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// A progress bar on a terminal, a hidden one otherwise (logs stay clean).
 fn progress_bar(length: u64, message: &'static str) -> indicatif::ProgressBar {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -742,8 +820,12 @@ fn embed<B: Backend>(device: &B::Device, job: &EmbedJob<'_>) -> Result<()> {
         .map(|path| {
             let bytes = std::fs::read(path)
                 .with_context(|| format!("cannot read image {}", path.display()))?;
-            let image = decode_image(&bytes, &path.display().to_string(), max_pixels)?;
-            Ok(preprocess(&image, size))
+            Ok(load_image(
+                &bytes,
+                &path.display().to_string(),
+                &ImageLimits::with_max_pixels(max_pixels),
+                size,
+            )?)
         })
         .collect::<Result<_>>()?;
     let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();

@@ -7,122 +7,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use base64::Engine;
-use common::ingest::{Ingest, TestEnv, unique, wait_for};
+use common::daemon::{Daemon, b64};
+use common::ingest::{TestEnv, wait_for};
 use serde_json::{Value, json};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Daemon {
-    env: TestEnv,
-    base: String,
-    process: Option<Ingest>,
-    log: std::path::PathBuf,
-}
-
-impl Daemon {
-    fn new(root: &Path, extra: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let mut env = TestEnv::new(root, &unique("daemon"));
-        env.inbox_enabled = true;
-        env.extra = vec![
-            (
-                "RSITRD__MODEL__DIR".into(),
-                common::fixture("tiny-clip").display().to_string(),
-            ),
-            ("RSITRD__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
-            ("RSITRD__INBOX__SETTLE".into(), "200ms".into()),
-            ("RSITRD__STORE__VAL_FRACTION".into(), "0.3".into()),
-            ("RSITRD__TRAINING__MIN_NEW_SAMPLES".into(), "100000".into()),
-            ("RSITRD__TRAINING__STEPS".into(), "6".into()),
-            ("RSITRD__TRAINING__BATCH_SIZE".into(), "4".into()),
-            ("RSITRD__TRAINING__LR".into(), "0.001".into()),
-            ("RSITRD_API_TOKEN".into(), String::new()),
-        ];
-        for (key, value) in extra {
-            env.extra.push((key.to_string(), value.to_string()));
-        }
-        Self {
-            env,
-            base: format!("http://127.0.0.1:{port}"),
-            process: None,
-            log: root.join("daemon.log"),
-        }
-    }
-
-    fn start(&mut self) {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = self
-            .env
-            .command()
-            .arg("run")
-            .stdout(std::process::Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        self.process = Some(Ingest::from_child(child, &self.log));
-        let base = self.base.clone();
-        let log = self.log.clone();
-        wait_for(Duration::from_secs(60), "readyz", || {
-            ureq::get(&format!("{base}/readyz"))
-                .call()
-                .is_ok_and(|r| r.status() == 200)
-                || {
-                    assert!(
-                        !std::fs::read_to_string(&log)
-                            .unwrap_or_default()
-                            .contains("\"level\":\"ERROR\""),
-                        "daemon failed: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
-                    false
-                }
-        });
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = ureq::post(&format!("{}{path}", self.base))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .send_json(body)
-            .unwrap();
-        read(response)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        let response = ureq::get(&format!("{}{path}", self.base))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .call()
-            .unwrap();
-        read(response)
-    }
-}
-
-fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
 
 fn feed_rs_mini(inbox: &Path, staging: &Path) -> usize {
     std::fs::create_dir_all(inbox).unwrap();
@@ -770,4 +657,27 @@ fn run_refuses_an_invalid_configuration_and_names_the_key() {
         assert!(stderr.contains(words), "{key}={value}: {stderr}");
         assert!(!temp.path().join("data").exists(), "nothing started");
     }
+}
+
+/// SIGTERM in the middle of a training run is a clean shutdown: exit 0, no ERROR line (which
+/// would page someone), the cancellation logged at INFO.
+#[test]
+fn sigterm_during_training_is_not_an_error() {
+    let temp = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::new(temp.path(), &[("RSITRD__TRAINING__STEPS", "100000")]);
+    daemon.start();
+    let samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
+    wait_for(Duration::from_secs(60), "samples embedded", || {
+        let (_, status) = daemon.get("/v1/status");
+        status["samples"]["samples"] == samples as u64 && status["backlog"] == 0
+    });
+    assert_eq!(daemon.post("/v1/train", &json!({})).0, 202);
+    wait_for(Duration::from_secs(60), "a training run", || {
+        daemon.get("/v1/status").1["training"] == true
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.process.as_mut().unwrap().stop();
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
+    assert!(log.contains("training run cancelled by shutdown"), "{log}");
 }

@@ -5,7 +5,7 @@ mod common;
 
 use burn::backend::Flex;
 use rsitrd::model::Embedder;
-use rsitrd::model::preprocess::{DEFAULT_MAX_PIXELS, decode_image, preprocess};
+use rsitrd::model::preprocess::{ImageLimits, load_image};
 use serde::Deserialize;
 
 use common::{fixture, max_abs_diff, rs_mini_dir};
@@ -69,8 +69,13 @@ fn check_model(model: &str) {
     let mut worst_approx = (0.0f32, 0.0f32);
     for image in &reference.images {
         let bytes = std::fs::read(rs_mini_dir().join("images").join(&image.file)).unwrap();
-        let decoded = decode_image(&bytes, &image.file, DEFAULT_MAX_PIXELS).unwrap();
-        let ours = preprocess(&decoded, reference.image_size);
+        let ours = load_image(
+            &bytes,
+            &image.file,
+            &ImageLimits::default(),
+            reference.image_size,
+        )
+        .unwrap();
         let samples: Vec<f32> = ours.iter().step_by(997).copied().collect();
         let pixel_diff = max_abs_diff(&samples, &image.pixel_samples);
         let mean = ours.iter().map(|&v| f64::from(v)).sum::<f64>() / ours.len() as f64;

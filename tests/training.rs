@@ -12,7 +12,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rsitrd::eval::{retrieval_metrics, similarity_matrix};
 use rsitrd::model::clip::ClipModel;
-use rsitrd::model::preprocess::{DEFAULT_MAX_PIXELS, decode_image, preprocess};
+use rsitrd::model::preprocess::{ImageLimits, load_image};
 use rsitrd::model::weights::{self, AdapterMeta};
 use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, LossConfig, pixel_tensor, tokenizer};
 use rsitrd::train::AdapterTrainer;
@@ -43,10 +43,7 @@ fn prepare(split: &str, size: usize) -> Prepared {
         .iter()
         .map(|s| {
             let bytes = std::fs::read(&s.path).unwrap();
-            preprocess(
-                &decode_image(&bytes, &s.filename, DEFAULT_MAX_PIXELS).unwrap(),
-                size,
-            )
+            load_image(&bytes, &s.filename, &ImageLimits::default(), size).unwrap()
         })
         .collect();
     Prepared { samples, pixels }
@@ -330,7 +327,7 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
             &store,
             &config,
             seed,
-            DEFAULT_MAX_PIXELS,
+            &ImageLimits::default(),
             8,
             &device,
             &tokio_util::sync::CancellationToken::new(),

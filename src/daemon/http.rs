@@ -1,13 +1,18 @@
-//! The HTTP API (axum): search, embed, status, train, rollback, health, readiness, metrics.
-//! Queries are encoded on blocking threads with the live model and searched in the index
-//! version that model wrote, taken together from one `ArcSwap` load.
+//! The HTTP API (axum): search, embed, status, train, rollback, quarantine, health,
+//! readiness, metrics. Queries are encoded on blocking threads with the live model and
+//! searched in the index version that model wrote, taken together from one `ArcSwap` load.
+//!
+//! Every answer that is not a success is `{"error": "..."}` JSON, whatever refused it (a
+//! handler, the body limit, an unknown route, a wrong method): the last layer rewrites any
+//! other error body. Encodes are admitted by a semaphore (`http.max_concurrent_encodes`)
+//! before their body is read, so the memory requests can hold is bounded.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -15,47 +20,105 @@ use axum::{Json, Router};
 use base64::Engine;
 use burn::prelude::Backend;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::Shared;
-use crate::index::{IMAGE_VECTOR, TEXT_VECTOR};
-use crate::model::preprocess::{decode_image, preprocess};
+use crate::index::{IMAGE_VECTOR, IndexError, TEXT_VECTOR};
+use crate::model::preprocess::load_image;
+use crate::store::SampleId;
+
+/// Seconds a client told "busy" should wait before trying again.
+const RETRY_AFTER_S: u32 = 1;
+/// Largest error body the JSON-error layer reads back to rewrite it.
+const MAX_ERROR_BODY: usize = 64 << 10;
 
 /// An API error: status and a JSON body naming the problem.
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            status,
             message: message.into(),
+            retry_after: None,
         }
     }
 
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
     fn internal(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message.to_string())
+    }
+
+    fn busy(message: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.to_string(),
+            retry_after: Some(RETRY_AFTER_S),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    }
+
+    fn from_index(error: IndexError) -> Self {
+        match error {
+            IndexError::InvalidFilter(_) => Self::bad_request(error.to_string()),
+            other => Self::internal(other),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.message}))).into_response()
+        let mut response = (self.status, Json(json!({"error": self.message}))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        Self {
-            status: rejection.status(),
-            message: rejection.body_text(),
-        }
+/// Reads a request body within `max` bytes.
+async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds the length limit of {max} bytes (http.max_body_bytes)"),
+        )
+    })
+}
+
+/// Parses a JSON body strictly: `application/json`, valid UTF-8 JSON, the request's own
+/// fields with their types. An empty body is `None` (for routes whose body is optional).
+fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<Option<T>, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
     }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("expected a body of content type application/json, got `{content_type}`"),
+        ));
+    }
+    serde_json::from_slice(bytes)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// [`parse_json`] for routes that need a body.
+fn require_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
+    parse_json(headers, bytes)?.ok_or_else(|| ApiError::bad_request("the request body is empty: a JSON object is expected"))
 }
 
 type AppState<B> = Arc<Shared<B>>;
@@ -87,6 +150,8 @@ where
         .route("/v1/status", get(status::<B>))
         .route("/v1/train", post(train::<B>))
         .route("/v1/rollback", post(rollback::<B>))
+        .route("/v1/quarantine", get(quarantine_list::<B>))
+        .route("/v1/quarantine/release", post(quarantine_release::<B>))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             auth::<B>,
@@ -96,13 +161,47 @@ where
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<B>))
         .route("/metrics", get(metrics::<B>))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             shared.clone(),
             reject_oversized::<B>,
         ))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(shared)
+}
+
+/// Rewrites an error that some layer answered in plain text (a wrong method, a framework
+/// rejection) as `{"error": ...}` JSON: one error format on every route.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let mut rewritten = ApiError::new(status, message).into_response();
+    for name in [header::RETRY_AFTER, header::ALLOW, header::WWW_AUTHENTICATE] {
+        if let Some(value) = parts.headers.get(&name) {
+            rewritten.headers_mut().insert(name, value.clone());
+        }
+    }
+    rewritten
 }
 
 /// Refuses a body announced larger than `http.max_body_bytes` before reading any of it
@@ -121,10 +220,10 @@ async fn reject_oversized<B: Backend>(
     if let Some(length) = announced
         && length > max as u64
     {
-        return ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("request body of {length} bytes exceeds the length limit of {max} bytes (http.max_body_bytes)"),
-        }
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {length} bytes exceeds the length limit of {max} bytes (http.max_body_bytes)"),
+        )
         .into_response();
     }
     next.run(request).await
@@ -158,11 +257,8 @@ async fn auth<B: Backend>(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if given != Some(expected.as_str()) {
-            return ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "missing or wrong bearer token".into(),
-            }
-            .into_response();
+            return ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+                .into_response();
         }
     }
     next.run(request).await
@@ -180,14 +276,31 @@ struct SearchRequest {
     filter: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// Admits one encode, or answers 503 with `Retry-After` when `http.max_concurrent_encodes`
+/// are running: a burst is refused at once instead of queueing work and memory.
+fn admit<B: Backend>(shared: &Shared<B>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    shared.encodes.clone().try_acquire_owned().map_err(|_| {
+        metrics::counter!("rsitrd_http_busy_total").increment(1);
+        ApiError::busy(format!(
+            "{} queries are being encoded (http.max_concurrent_encodes): try again shortly",
+            shared.config.http.max_concurrent_encodes
+        ))
+    })
+}
+
 async fn search<B: Backend>(
     State(shared): State<AppState<B>>,
-    body: Result<Json<SearchRequest>, JsonRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
     B::Device: Send + Sync,
 {
-    let Json(request) = body?;
+    // Admission first: only admitted requests read their body.
+    let permit = admit(&shared)?;
+    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
+    let request: SearchRequest = require_json(&headers, &bytes)?;
+    drop(bytes);
     let max_k = shared.config.http.max_k;
     if request.k == 0 || request.k > max_k {
         return Err(ApiError::bad_request(format!(
@@ -196,9 +309,10 @@ where
     }
     let filter: crate::index::PayloadFilter =
         request.filter.unwrap_or_default().into_iter().collect();
+    crate::index::match_conditions(&filter).map_err(ApiError::from_index)?;
     let query = match (request.text, request.image_b64) {
         (Some(text), None) => Query::Text(text),
-        (None, Some(image)) => Query::Image(decode_b64(&image)?),
+        (None, Some(image)) => Query::Image(decode_b64(&image, "image_b64")?),
         _ => {
             return Err(ApiError::bad_request(
                 "give exactly one of `text` (finds images) or `image_b64` (finds captions)",
@@ -208,19 +322,14 @@ where
     let k = request.k;
     let shared2 = shared.clone();
     let response = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+        let _permit = permit;
         // One load: the encoder and the index version belong together.
         let live = shared2.live.load_full();
         let (vector, vector_name) = encode(&shared2, &live.embedder, query)?;
         let hits = shared2
             .index
             .search(live.version, vector_name, vector, k, &filter)
-            .map_err(|e| {
-                if e.to_string().contains("only strings") {
-                    ApiError::bad_request(e.to_string())
-                } else {
-                    ApiError::internal(e)
-                }
-            })?;
+            .map_err(ApiError::from_index)?;
         let results: Vec<serde_json::Value> = hits
             .into_iter()
             .map(|hit| {
@@ -245,10 +354,10 @@ enum Query {
     Image(Vec<u8>),
 }
 
-fn decode_b64(text: &str) -> Result<Vec<u8>, ApiError> {
+fn decode_b64(text: &str, field: &str) -> Result<Vec<u8>, ApiError> {
     base64::engine::general_purpose::STANDARD
         .decode(text.trim())
-        .map_err(|e| ApiError::bad_request(format!("image_b64 is not valid base64: {e}")))
+        .map_err(|e| ApiError::bad_request(format!("{field} is not valid base64: {e}")))
 }
 
 /// A text query is compared with image vectors, an image query with caption vectors.
@@ -266,9 +375,15 @@ fn encode<B: Backend>(
             Ok((vector, IMAGE_VECTOR))
         }
         Query::Image(bytes) => {
-            let image = decode_image(&bytes, "image_b64", shared.config.model.max_pixels)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            let pixels = preprocess(&image, embedder.image_size());
+            // The limits ingestion applies: what could be stored can be searched with.
+            let pixels = load_image(
+                &bytes,
+                "image_b64",
+                &shared.config.image_limits(),
+                embedder.image_size(),
+            )
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            drop(bytes);
             let vector = embedder.embed_pixels(&[pixels.as_slice()]).remove(0);
             Ok((vector, TEXT_VECTOR))
         }
@@ -286,32 +401,36 @@ struct EmbedRequest {
 
 async fn embed<B: Backend>(
     State(shared): State<AppState<B>>,
-    body: Result<Json<EmbedRequest>, JsonRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
     B::Device: Send + Sync,
 {
-    let Json(request) = body?;
+    let permit = admit(&shared)?;
+    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
+    let request: EmbedRequest = require_json(&headers, &bytes)?;
+    drop(bytes);
     if request.texts.is_empty() && request.images_b64.is_empty() {
         return Err(ApiError::bad_request("give `texts` and/or `images_b64`"));
     }
-    let images: Vec<Vec<u8>> = request
-        .images_b64
-        .iter()
-        .map(|text| decode_b64(text))
-        .collect::<Result<_, _>>()?;
+    if let Some(index) = request.texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ApiError::bad_request(format!("texts[{index}] is empty")));
+    }
     let texts = request.texts;
+    let images_b64 = request.images_b64;
     let response = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+        let _permit = permit;
         let live = shared.live.load_full();
-        let mut image_vectors = Vec::new();
-        for (index, bytes) in images.iter().enumerate() {
-            let image = decode_image(
-                bytes,
-                &format!("images_b64[{index}]"),
-                shared.config.model.max_pixels,
-            )
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            image_vectors.push(preprocess(&image, live.embedder.image_size()));
+        let limits = shared.config.image_limits();
+        // One image decoded at a time: a request holds at most one decoded image.
+        let mut image_vectors = Vec::with_capacity(images_b64.len());
+        for (index, text) in images_b64.iter().enumerate() {
+            let name = format!("images_b64[{index}]");
+            let bytes = decode_b64(text, &name)?;
+            let pixels = load_image(&bytes, &name, &limits, live.embedder.image_size())
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            image_vectors.push(pixels);
         }
         let refs: Vec<&[f32]> = image_vectors.iter().map(Vec::as_slice).collect();
         let images = if refs.is_empty() {
@@ -367,11 +486,20 @@ where
     Ok(Json(response))
 }
 
+/// `/v1/train` takes no parameters: an empty body or `{}`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TrainRequest {}
+
 async fn train<B: Backend>(
     State(shared): State<AppState<B>>,
-) -> (StatusCode, Json<serde_json::Value>) {
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
+    let _: Option<TrainRequest> = parse_json(&headers, &bytes)?;
     shared.update_state(|state| state.train_requested = true);
-    (StatusCode::ACCEPTED, Json(json!({"requested": true})))
+    Ok((StatusCode::ACCEPTED, Json(json!({"requested": true}))))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -383,27 +511,89 @@ struct RollbackRequest {
 
 async fn rollback<B: Backend>(
     State(shared): State<AppState<B>>,
-    body: Option<Json<RollbackRequest>>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
     B::Device: Send + Sync,
 {
-    let to = body.map(|Json(r)| r.to).unwrap_or_default();
+    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
+    let request: Option<RollbackRequest> = parse_json(&headers, &bytes)?;
+    let to = request.and_then(|r| r.to);
     let version = tokio::task::spawn_blocking(move || super::rollback(&shared, to))
         .await
         .map_err(ApiError::internal)?
-        .map_err(|message| ApiError {
-            status: StatusCode::CONFLICT,
-            message,
-        })?;
+        .map_err(|message| ApiError::new(StatusCode::CONFLICT, message))?;
     Ok(Json(json!({"adapter_version": version})))
+}
+
+async fn quarantine_list<B: Backend>(
+    State(shared): State<AppState<B>>,
+) -> Result<Json<serde_json::Value>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    let records = tokio::task::spawn_blocking(move || shared.store.quarantined())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"quarantined": records})))
+}
+
+/// `{"ids": ["<sample id>", ...]}` or `{"all": true}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    #[serde(default)]
+    pub ids: Vec<String>,
+    #[serde(default)]
+    pub all: bool,
+}
+
+async fn quarantine_release<B: Backend>(
+    State(shared): State<AppState<B>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
+    let request: ReleaseRequest = require_json(&headers, &bytes)?;
+    let ids = match (request.all, request.ids.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(
+            request
+                .ids
+                .iter()
+                .map(|hex| {
+                    SampleId::parse(hex).ok_or_else(|| {
+                        ApiError::bad_request(format!("`{hex}` is not a sample id (64 hex digits)"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either `ids` (sample ids) or `all: true`",
+            ));
+        }
+    };
+    let shared2 = shared.store.clone();
+    let released = tokio::task::spawn_blocking(move || shared.store.release(ids.as_deref()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    tracing::info!(released = released.len(), "quarantine released: samples are embedded again");
+    crate::train::continual::report_quarantine(&shared2);
+    Ok(Json(json!({"released": released})))
 }
 
 async fn readyz<B: Backend>(State(shared): State<AppState<B>>) -> Response {
     if shared.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+        ApiError::busy("starting").into_response()
     }
 }
 
@@ -414,6 +604,6 @@ async fn metrics<B: Backend>(State(shared): State<AppState<B>>) -> Response {
             handle.render(),
         )
             .into_response(),
-        None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
     }
 }

@@ -102,6 +102,8 @@ pub struct Shared<B: Backend> {
     pub training: AtomicBool,
     pub last_run: Mutex<Option<RunRecord>>,
     pub ready: AtomicBool,
+    /// Admission of query encodes (`http.max_concurrent_encodes`).
+    pub encodes: Arc<tokio::sync::Semaphore>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub cancel: CancellationToken,
 }
@@ -255,10 +257,14 @@ where
         training: AtomicBool::new(false),
         last_run: Mutex::new(None),
         ready: AtomicBool::new(false),
+        encodes: Arc::new(tokio::sync::Semaphore::new(
+            config.http.max_concurrent_encodes,
+        )),
         metrics,
         cancel: cancel.clone(),
     });
 
+    continual::report_quarantine(&store);
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .map_err(|error| DaemonError::Listen {
@@ -349,28 +355,44 @@ where
     result
 }
 
-/// Embeds records with `embedder` into index points of `version`.
+/// Embeds records with `embedder` into index points of `version`. A record that cannot be
+/// used (deterministically) is quarantined under `stage` and left out; a transient failure
+/// (disk) fails the batch, which is retried.
 fn embed_records<B: Backend>(
     shared: &Shared<B>,
     embedder: &Embedder<B>,
     version: u64,
     records: &[SampleRecord],
+    stage: &str,
 ) -> Result<Vec<crate::index::IndexPoint>, continual::ContinualError> {
     let size = embedder.image_size();
-    let max_pixels = shared.config.model.max_pixels;
-    let pixels: Vec<Vec<f32>> = records
-        .iter()
-        .map(|record| continual::sample_pixels(&shared.store, record, size, max_pixels))
-        .collect::<Result<_, _>>()?;
+    let limits = shared.config.image_limits();
+    let mut pixels = Vec::with_capacity(records.len());
+    let mut usable = Vec::with_capacity(records.len());
+    for record in records {
+        match continual::sample_pixels(&shared.store, record, size, &limits) {
+            Ok(sample) => {
+                pixels.push(sample);
+                usable.push(record);
+            }
+            Err(continual::ContinualError::Unusable { id, reason }) => {
+                continual::quarantine(&shared.store, &id, stage, &reason)?;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    if usable.is_empty() {
+        return Ok(Vec::new());
+    }
     let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
     let images = embedder.embed_pixels(&refs);
-    let captions: Vec<&str> = records
+    let captions: Vec<&str> = usable
         .iter()
         .flat_map(|r| r.captions.iter().map(String::as_str))
         .collect();
     let mut texts = embedder.embed_texts(&captions).into_iter();
     let mut points = Vec::new();
-    for (record, image) in records.iter().zip(images) {
+    for (record, image) in usable.into_iter().zip(images) {
         let caption_vectors: Vec<Vec<f32>> = texts.by_ref().take(record.captions.len()).collect();
         points.extend(sample_points(record, version, image, caption_vectors));
     }
@@ -487,13 +509,14 @@ enum WorkerError {
 /// Embeds samples stored after the live cursor; returns whether there were any.
 fn fresh_batch<B: Backend>(shared: &Shared<B>) -> Result<bool, WorkerError> {
     let cursor = shared.state.lock().expect("state lock").embed_cursor;
-    let records = shared
+    let page = shared
         .store
-        .samples_since(cursor, shared.config.index.embed_batch)?;
-    let Some(last) = records.last().map(|r| r.seq) else {
+        .page_since(cursor, shared.config.index.embed_batch)?;
+    if page.next_cursor == cursor {
         metrics::gauge!("rsitrd_embed_backlog_samples").set(0.0);
         return Ok(false);
-    };
+    }
+    let (records, last) = (page.records, page.next_cursor);
     metrics::gauge!("rsitrd_embed_backlog_samples").set(
         shared
             .store
@@ -502,8 +525,10 @@ fn fresh_batch<B: Backend>(shared: &Shared<B>) -> Result<bool, WorkerError> {
     );
     let live = shared.live.load_full();
     let started = Instant::now();
-    let points = embed_records(shared, &live.embedder, live.version, &records)?;
-    shared.index.upsert(live.version, points)?;
+    let points = embed_records(shared, &live.embedder, live.version, &records, "embed")?;
+    if !points.is_empty() {
+        shared.index.upsert(live.version, points)?;
+    }
     metrics::counter!("rsitrd_embedded_samples_total").increment(records.len() as u64);
     metrics::histogram!("rsitrd_embed_batch_seconds").record(started.elapsed().as_secs_f64());
     shared.update_state(|state| {
@@ -529,15 +554,17 @@ fn reindex_chunk<B: Backend>(
     job: &mut Reindex,
     embedder: &Embedder<B>,
 ) -> Result<bool, WorkerError> {
-    let records = shared
+    let page = shared
         .store
-        .samples_since(job.cursor, shared.config.index.embed_batch)?;
-    let Some(last) = records.last().map(|r| r.seq) else {
+        .page_since(job.cursor, shared.config.index.embed_batch)?;
+    if page.next_cursor == job.cursor {
         return Ok(true);
-    };
-    let points = embed_records(shared, embedder, job.version, &records)?;
-    shared.index.upsert(job.version, points)?;
-    job.cursor = last;
+    }
+    let points = embed_records(shared, embedder, job.version, &page.records, "reindex")?;
+    if !points.is_empty() {
+        shared.index.upsert(job.version, points)?;
+    }
+    job.cursor = page.next_cursor;
     let saved = *job;
     shared.update_state(|state| state.reindex = Some(saved));
     Ok(false)
@@ -671,8 +698,15 @@ fn trainer<B: Backend>(shared: &Shared<B>) {
         if requested {
             shared.update_state(|state| state.train_requested = false);
         }
-        if let Err(error) = result {
-            tracing::error!(%error, "training run failed: it runs again at the next trigger");
+        match result {
+            Ok(()) => {}
+            // A shutdown, not a failure: nothing to page anyone about.
+            Err(continual::ContinualError::Cancelled) => {
+                tracing::info!("training run cancelled by shutdown: it runs again after the restart");
+            }
+            Err(error) => {
+                tracing::error!(%error, "training run failed: it runs again at the next trigger");
+            }
         }
     }
 }
@@ -684,13 +718,14 @@ fn new_training_samples<B: Backend>(
     let mut out = Vec::new();
     let mut seq = cursor;
     loop {
-        let page = shared.store.samples_since(seq, 1024)?;
-        let Some(last) = page.last().map(|r| r.seq) else {
+        let page = shared.store.page_since(seq, 1024)?;
+        if page.next_cursor == seq {
             break;
-        };
-        seq = last;
+        }
+        seq = page.next_cursor;
         out.extend(
-            page.into_iter()
+            page.records
+                .into_iter()
                 .filter(|r| r.split == SampleSplit::Train && r.created_seq > cursor),
         );
         if out.len() >= MAX_NEW_PER_RUN {
@@ -738,7 +773,7 @@ fn training_run<B: Backend>(
         &shared.store,
         &config.training,
         seed,
-        config.model.max_pixels,
+        &config.image_limits(),
         config.model.embed_batch_size,
         &shared.device,
         &shared.cancel,
@@ -768,14 +803,14 @@ fn training_run<B: Backend>(
             &live.embedder,
             &shared.store,
             &val,
-            config.model.max_pixels,
+            &config.image_limits(),
             &shared.cancel,
         )?;
         let candidate_metrics = continual::evaluate_on_store(
             &candidate.embedder,
             &shared.store,
             &val,
-            config.model.max_pixels,
+            &config.image_limits(),
             &shared.cancel,
         )?;
         let promote = candidate_metrics.mr >= live_metrics.mr - config.gate.mr_tolerance;

@@ -346,13 +346,13 @@ pub fn load_pixels(
     size: usize,
     max_pixels: u64,
 ) -> Result<Vec<f32>, crate::model::preprocess::ImageError> {
-    use crate::model::preprocess::{ImageError, decode_image, preprocess};
+    use crate::model::preprocess::{ImageError, ImageLimits, load_image};
     let name = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|error| ImageError::Decode {
         name: name.clone(),
         reason: error.to_string(),
     })?;
-    Ok(preprocess(&decode_image(&bytes, &name, max_pixels)?, size))
+    load_image(&bytes, &name, &ImageLimits::with_max_pixels(max_pixels), size)
 }
 
 #[cfg(test)]

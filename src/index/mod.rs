@@ -25,6 +25,9 @@ pub const TEXT_VECTOR: &str = "text";
 pub enum IndexError {
     #[error("index {what}: {reason}")]
     Backend { what: String, reason: String },
+    /// The query's payload filter cannot be matched (the caller's mistake, not the index's).
+    #[error("invalid filter: {0}")]
+    InvalidFilter(String),
     #[error("index version v{0} does not exist")]
     MissingVersion(u64),
     #[error("index i/o on {path}: {error}")]
@@ -83,12 +86,9 @@ pub fn match_conditions(filter: &PayloadFilter) -> Result<Vec<(String, MatchValu
                     MatchValue::Integer(n.as_i64().expect("i64"))
                 }
                 other => {
-                    return Err(backend_error(
-                        "filter",
-                        format!(
-                            "`{key}`: only strings, integers and booleans can be matched, not {other}"
-                        ),
-                    ));
+                    return Err(IndexError::InvalidFilter(format!(
+                        "`{key}`: only strings, integers and booleans can be matched, not {other}"
+                    )));
                 }
             };
             Ok((key.clone(), value))

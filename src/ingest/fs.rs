@@ -128,6 +128,7 @@ pub fn run_inbox(
         writer,
         hints: HashMap::new(),
         first_seen: HashMap::new(),
+        stuck: HashMap::new(),
     };
     let mut next_scan = Instant::now();
     let mut last_full_scan = Instant::now();
@@ -190,6 +191,34 @@ struct Inbox {
     hints: HashMap<PathBuf, Hint>,
     /// When this process first saw each (directory, stem) group, for the orphan timeout.
     first_seen: HashMap<(PathBuf, String), Instant>,
+    /// Entries handled (rejected or stored) that could not be moved out of the inbox: skipped
+    /// while they keep the identity they had, so that one is never rejected twice.
+    stuck: HashMap<PathBuf, Identity>,
+}
+
+/// What makes an inbox entry "the same one": device, inode, type, size and change times.
+/// A new file at the same path, or the same file rewritten, differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn identity_of(path: &Path) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some(Identity {
+        dev: m.dev(),
+        ino: m.ino(),
+        mode: m.mode(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+    })
 }
 
 impl Inbox {
@@ -244,6 +273,9 @@ impl Inbox {
         let mut next = now + self.config.rescan_interval;
         let mut groups: BTreeMap<(PathBuf, String), Group> = BTreeMap::new();
         let mut links = Vec::new();
+        // A stuck entry that is gone or has changed is handled afresh.
+        self.stuck
+            .retain(|path, identity| identity_of(path) == Some(*identity));
         self.walk(&self.inbox.clone(), &mut groups, &mut links);
         for link in links {
             let rejection = Rejection::new(
@@ -422,11 +454,22 @@ impl Inbox {
                 ),
             ));
         }
-        let read = |path: &Path, label: &str| {
-            std::fs::read(path)
-                .map_err(|e| Rejection::new(RejectKind::File, format!("{label}: cannot read: {e}")))
+        let read = |path: &Path, label: &str, limit: u64| match read_regular_file(path, limit) {
+            Ok(bytes) => Ok(bytes),
+            Err(ReadError::TooLarge) => Err(Rejection::new(
+                RejectKind::TooLarge,
+                format!("{label}: grew beyond {limit} bytes while being read"),
+            )),
+            Err(ReadError::NotRegular) => Err(Rejection::new(
+                RejectKind::File,
+                format!("{label}: not a regular file (a symbolic link, a device or a pipe): move the file itself in"),
+            )),
+            Err(ReadError::Io(e)) => Err(Rejection::new(
+                RejectKind::File,
+                format!("{label}: cannot read: {e}"),
+            )),
         };
-        let text_bytes = read(&text.path, &text_name)?;
+        let text_bytes = read(&text.path, &text_name, MAX_CAPTION_FILE_BYTES)?;
         let (captions, metadata) = match text.role {
             Role::Txt => (
                 parse_caption_txt(&text_bytes, &text_name)?,
@@ -434,7 +477,7 @@ impl Inbox {
             ),
             _ => parse_caption_json(&text_bytes, &text_name)?,
         };
-        let bytes = read(&image.path, &name)?;
+        let bytes = read(&image.path, &name, self.validator.max_image_bytes())?;
         let mut metadata = metadata;
         metadata
             .entry("inbox_name")
@@ -482,6 +525,9 @@ impl Inbox {
             let Ok(metadata) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
+            if self.stuck.contains_key(&path) {
+                continue;
+            }
             if metadata.file_type().is_symlink() {
                 links.push(path);
                 continue;
@@ -510,8 +556,9 @@ impl Inbox {
         match self.config.on_success {
             OnSuccess::Delete => {
                 for path in paths {
+                    let identity = identity_of(path);
                     if let Err(error) = std::fs::remove_file(path) {
-                        tracing::warn!(path = %path.display(), %error, "cannot delete a stored inbox file");
+                        self.mark_stuck(path, identity, &error.to_string());
                     }
                 }
             }
@@ -561,10 +608,11 @@ impl Inbox {
     /// Moves files under `target`, keeping their path relative to the inbox; a name already
     /// taken there gets a `.N` suffix (nothing is overwritten). With `reason`, writes
     /// `STEM.error.txt` beside them.
-    fn move_all(&self, paths: &[PathBuf], target: &Path, reason: Option<&str>) {
+    fn move_all(&mut self, paths: &[PathBuf], target: &Path, reason: Option<&str>) {
         let Some(first) = paths.first() else {
             return;
         };
+        let identities: Vec<Option<Identity>> = paths.iter().map(|p| identity_of(p)).collect();
         let relative_dir = first
             .parent()
             .and_then(|p| p.strip_prefix(&self.inbox).ok())
@@ -572,7 +620,10 @@ impl Inbox {
             .unwrap_or_default();
         let dir = target.join(relative_dir);
         if let Err(error) = std::fs::create_dir_all(&dir) {
-            tracing::error!(dir = %dir.display(), %error, "cannot create directory for inbox files");
+            let reason = format!("cannot create {}: {error}", dir.display());
+            for (path, identity) in paths.iter().zip(identities) {
+                self.mark_stuck(path, identity, &reason);
+            }
             return;
         }
         let stem = file_stem(first);
@@ -598,11 +649,15 @@ impl Inbox {
                     && (reason.is_none() || !error_file(suffix).exists())
             })
             .expect("a free name exists");
-        for path in paths {
+        let mut failed = Vec::new();
+        for (path, identity) in paths.iter().zip(identities) {
             let to = destination(suffix, path);
             if let Err(error) = rename_or_copy(path, &to) {
-                tracing::error!(from = %path.display(), to = %to.display(), %error, "cannot move inbox file");
+                failed.push((path.clone(), identity, format!("cannot move it to {}: {error}", to.display())));
             }
+        }
+        for (path, identity, reason) in failed {
+            self.mark_stuck(&path, identity, &reason);
         }
         if let Some(reason) = reason {
             let path = error_file(suffix);
@@ -610,6 +665,21 @@ impl Inbox {
                 tracing::error!(path = %path.display(), %error, "cannot write the reject reason");
             }
         }
+    }
+
+    /// Remembers an entry that could not leave the inbox (one log line); it is skipped until
+    /// it changes or goes.
+    fn mark_stuck(&mut self, path: &Path, identity: Option<Identity>, reason: &str) {
+        let Some(identity) = identity else {
+            return; // gone already
+        };
+        tracing::warn!(
+            path = %path.display(),
+            reason,
+            "inbox entry cannot be moved out of the inbox: skipped until it changes"
+        );
+        metrics::counter!("rsitrd_inbox_stuck_total").increment(1);
+        self.stuck.insert(path.to_path_buf(), identity);
     }
 
     fn relative(&self, path: &Path) -> String {
@@ -657,12 +727,75 @@ fn is_temporary(file_name: &str) -> bool {
             .any(|suffix| file_name.to_ascii_lowercase().ends_with(suffix))
 }
 
+/// Why [`read_regular_file`] read nothing.
+#[derive(Debug)]
+enum ReadError {
+    /// A symbolic link, directory, device or pipe: never read through it.
+    NotRegular,
+    /// More bytes than the limit checked before.
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// Opens `path` without following a symbolic link (`O_NOFOLLOW`) or blocking on a pipe
+/// (`O_NONBLOCK`), checks on the open file that it is a regular file, and reads at most
+/// `limit` bytes: a file swapped for a link or grown after the scan is refused, not read.
+fn open_regular(path: &Path) -> Result<std::fs::File, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|error| {
+            if error.raw_os_error() == Some(libc::ELOOP) {
+                ReadError::NotRegular
+            } else {
+                ReadError::Io(error)
+            }
+        })?;
+    let metadata = file.metadata().map_err(ReadError::Io)?;
+    if !metadata.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    Ok(file)
+}
+
+fn read_regular_file(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(bytes)
+}
+
+/// Moves `from` to `to` without ever following a symbolic link: a rename moves the link
+/// itself; across filesystems a link is re-created (pointing where it pointed, its target
+/// never opened) and a regular file is copied through a no-follow handle into a new file.
 fn rename_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {
         Ok(()) => Ok(()),
-        // Another filesystem: copy, then remove.
-        Err(error) if error.raw_os_error() == Some(18) => {
-            std::fs::copy(from, to)?;
+        Err(error) if error.raw_os_error() == Some(libc::EXDEV) => {
+            let metadata = std::fs::symlink_metadata(from)?;
+            if metadata.file_type().is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
+            } else {
+                let mut source = open_regular(from).map_err(|error| match error {
+                    ReadError::Io(error) => error,
+                    _ => std::io::Error::other("not a regular file: not copied"),
+                })?;
+                // `create_new` never writes through a link planted at the destination.
+                let mut target = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(to)?;
+                std::io::copy(&mut source, &mut target)?;
+                target.sync_all()?;
+            }
             std::fs::remove_file(from)
         }
         Err(error) => Err(error),

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::model::preprocess::decode_image;
+use crate::model::preprocess::{ImageLimits, decode_image};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::store::writer::StoreWriter;
 use crate::store::{NewSample, RejectRecord, SampleId, Source, Store, now_ms};
@@ -166,16 +166,16 @@ pub fn report_stored(source: &str, source_ref: &str, outcome: &crate::store::Com
 
 /// The checks every source applies.
 pub struct Validator {
-    max_pixels: u64,
+    limits: ImageLimits,
     max_image_bytes: u64,
     max_captions: usize,
     tokenizer: ClipTokenizer,
 }
 
 impl Validator {
-    pub fn new(max_pixels: u64, max_image_bytes: u64, max_captions: usize) -> Self {
+    pub fn new(limits: ImageLimits, max_image_bytes: u64, max_captions: usize) -> Self {
         Self {
-            max_pixels,
+            limits,
             max_image_bytes,
             max_captions,
             tokenizer: ClipTokenizer::new(CONTEXT_LENGTH),
@@ -184,7 +184,7 @@ impl Validator {
 
     pub fn from_config(config: &Config) -> Self {
         Self::new(
-            config.model.max_pixels,
+            config.image_limits(),
             config.ingest.max_image_bytes,
             config.ingest.max_captions,
         )
@@ -222,7 +222,9 @@ impl Validator {
             Ok(image::ImageFormat::Tiff) => "tiff",
             _ => "unknown",
         };
-        let decoded = decode_image(&image, source_ref, self.max_pixels)
+        // The same check every later stage makes (stored samples, queries): what passes here
+        // can always be preprocessed.
+        let decoded = decode_image(&image, source_ref, &self.limits)
             .map_err(|error| Rejection::new(RejectKind::Image, error.to_string()))?;
         Ok(NewSample::new(
             image,
@@ -371,7 +373,7 @@ mod tests {
 
     #[test]
     fn captions_are_checked_and_long_ones_kept() {
-        let validator = Validator::new(1 << 20, 1 << 20, 3);
+        let validator = Validator::new(ImageLimits::with_max_pixels(1 << 20), 1 << 20, 3);
         let source = "test".to_string();
         let long = "a very long caption ".repeat(40);
         assert_eq!(

@@ -4,7 +4,7 @@
 use std::io::Cursor;
 
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, GenericImageView, ImageFormat, ImageReader, Limits, RgbImage};
 
 /// CLIP's per-channel normalization mean (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -13,6 +13,73 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Default largest accepted image, in pixels (width × height): 100 megapixels.
 pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+/// Default largest accepted ratio of the long side to the short side. CLIP keeps only the
+/// centre square, so a 20:1 strip already loses 95 % of its pixels; beyond that an image is
+/// more likely a mistake (or an attack on the resize) than a scene.
+pub const DEFAULT_MAX_ASPECT_RATIO: u32 = 20;
+
+/// What an image may be: the one set of limits that ingestion, stored samples, the HTTP API
+/// and the CLI all check, through [`decode_image`], before any pixel buffer exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest width × height.
+    pub max_pixels: u64,
+    /// Largest long side / short side (≥ 1).
+    pub max_aspect_ratio: u32,
+}
+
+impl ImageLimits {
+    pub fn new(max_pixels: u64, max_aspect_ratio: u32) -> Self {
+        Self {
+            max_pixels,
+            max_aspect_ratio: max_aspect_ratio.max(1),
+        }
+    }
+
+    /// `max_pixels` with the default aspect-ratio limit.
+    pub fn with_max_pixels(max_pixels: u64) -> Self {
+        Self::new(max_pixels, DEFAULT_MAX_ASPECT_RATIO)
+    }
+
+    /// Checks dimensions read from a header, before anything is allocated for them.
+    pub fn check(&self, name: &str, width: u32, height: u32) -> Result<(), ImageError> {
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(ImageError::TooLarge {
+                name: name.into(),
+                width,
+                height,
+                pixels,
+                limit: self.max_pixels,
+            });
+        }
+        if width == 0 || height == 0 {
+            return Err(ImageError::Degenerate {
+                name: name.into(),
+                width,
+                height,
+            });
+        }
+        let (long, short) = (width.max(height), width.min(height));
+        // long / short > max  ⇔  long > max · short (exact in u64).
+        if u64::from(long) > u64::from(self.max_aspect_ratio) * u64::from(short) {
+            return Err(ImageError::AspectRatio {
+                name: name.into(),
+                width,
+                height,
+                limit: self.max_aspect_ratio,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self::with_max_pixels(DEFAULT_MAX_PIXELS)
+    }
+}
 
 /// Why an image was refused. Every message names the image.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +98,15 @@ pub enum ImageError {
         pixels: u64,
         limit: u64,
     },
+    #[error(
+        "image {name} is {width}x{height}: its long side is more than {limit} times its short side (model.max_aspect_ratio)"
+    )]
+    AspectRatio {
+        name: String,
+        width: u32,
+        height: u32,
+        limit: u32,
+    },
     #[error("image {name} could not be decoded (corrupt or truncated?): {reason}")]
     Decode { name: String, reason: String },
     #[error("image {name} has a zero dimension ({width}x{height})")]
@@ -39,14 +115,24 @@ pub enum ImageError {
         width: u32,
         height: u32,
     },
+    #[error("image {name}: preprocessing to {size}x{size} overflows ({width}x{height})")]
+    Overflow {
+        name: String,
+        width: u32,
+        height: u32,
+        size: usize,
+    },
 }
 
-/// Decodes JPEG, PNG or TIFF bytes (8/16-bit, RGB, RGBA or gray) into 8-bit RGB.
+/// Decodes JPEG, PNG or TIFF bytes (8/16-bit or float, RGB, RGBA, gray, palette or CMYK)
+/// into 8-bit RGB.
 ///
-/// The header is read first and anything above `max_pixels` is refused before any pixel
-/// buffer is allocated (no decompression bombs). 16-bit images are scaled to 8 bits; gray is
-/// replicated to three channels; alpha is dropped.
-pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<RgbImage, ImageError> {
+/// The header is read first and anything outside `limits` (pixels, aspect ratio, a zero side)
+/// is refused before any pixel buffer is allocated (no decompression bombs, no resize that
+/// explodes). 16-bit and float images are scaled to 8 bits; gray is replicated to three
+/// channels; alpha is dropped. EXIF orientation is not applied (as CLIP's own preprocessing,
+/// which reads the pixels as stored).
+pub fn decode_image(bytes: &[u8], name: &str, limits: &ImageLimits) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty { name: name.into() });
     }
@@ -79,32 +165,29 @@ pub fn decode_image(bytes: &[u8], name: &str, max_pixels: u64) -> Result<RgbImag
         });
     }
     let (width, height) = reader()?.into_dimensions().map_err(decode_error)?;
+    limits.check(name, width, height)?;
     let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(ImageError::TooLarge {
-            name: name.into(),
-            width,
-            height,
-            pixels,
-            limit: max_pixels,
-        });
-    }
-    if width == 0 || height == 0 {
-        return Err(ImageError::Degenerate {
-            name: name.into(),
-            width,
-            height,
-        });
-    }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(width);
-    limits.max_image_height = Some(height);
-    // 4 channels × 2 bytes per sample, twice over for the decoder's own buffers.
-    limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_image_width = Some(width);
+    decoder_limits.max_image_height = Some(height);
+    // 4 channels × 4 bytes per sample (float TIFF) is the largest buffer a decoder fills.
+    decoder_limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
     let mut reader = reader()?;
-    reader.limits(limits);
+    reader.limits(decoder_limits);
     let image: DynamicImage = reader.decode().map_err(decode_error)?;
-    Ok(image.to_rgb8())
+    if (image.width(), image.height()) != (width, height) {
+        // A header that lies about the size (the decoder's own limits caught larger ones).
+        return Err(ImageError::Decode {
+            name: name.into(),
+            reason: format!(
+                "decoded {}x{}, the header said {width}x{height}",
+                image.width(),
+                image.height()
+            ),
+        });
+    }
+    // No copy when the decoder already produced 8-bit RGB.
+    Ok(image.into_rgb8())
 }
 
 /// Whether a JPEG ends with its EOI marker (`FF D9`), allowing up to 1 KiB of trailing
@@ -115,43 +198,61 @@ fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
     tail.windows(2).any(|pair| pair == [0xFF, 0xD9])
 }
 
+/// Decodes within `limits` and preprocesses to `[3, size, size]`: what every path that turns
+/// image bytes into model input calls.
+pub fn load_image(
+    bytes: &[u8],
+    name: &str,
+    limits: &ImageLimits,
+    size: usize,
+) -> Result<Vec<f32>, ImageError> {
+    preprocess(&decode_image(bytes, name, limits)?, name, size)
+}
+
 /// CLIP preprocessing of a decoded image into a `[3, size, size]` row-major float buffer:
-/// resize the shortest side to `size` (bicubic, antialiased when shrinking, as PIL), center
-/// crop `size × size`, scale to [0, 1], normalize with [`CLIP_MEAN`]/[`CLIP_STD`].
-pub fn preprocess(image: &RgbImage, size: usize) -> Vec<f32> {
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    let (new_width, new_height) = if width <= height {
-        (size, size * height / width)
-    } else {
-        (size * width / height, size)
+/// the centre square (in source coordinates), resized to `size × size` (bicubic, antialiased
+/// when shrinking, as PIL), scaled to [0, 1], normalized with [`CLIP_MEAN`]/[`CLIP_STD`].
+///
+/// Cropping first bounds the work by the short side (∝ side², whatever the long side) and
+/// gives CLIP's "shortest side to `size`, centre crop" up to the filter's reach across the
+/// crop border; square images, the usual remote-sensing tiles, are identical.
+pub fn preprocess(image: &RgbImage, name: &str, size: usize) -> Result<Vec<f32>, ImageError> {
+    let (width, height) = image.dimensions();
+    let overflow = || ImageError::Overflow {
+        name: name.into(),
+        width,
+        height,
+        size,
     };
+    let side = width.min(height);
+    let target = u32::try_from(size).map_err(|_| overflow())?;
+    if side == 0 || target == 0 {
+        return Err(overflow());
+    }
+    let plane = size.checked_mul(size).ok_or_else(overflow)?;
+    let len = plane.checked_mul(3).ok_or_else(overflow)?;
+    let left = (width - side) / 2;
+    let top = (height - side) / 2;
+    let square = image::imageops::crop_imm(image, left, top, side, side);
     let resized;
-    let source = if (new_width, new_height) == (width, height) {
-        image
+    let source: &dyn Fn(u32, u32) -> image::Rgb<u8> = if side == target {
+        &|x, y| square.get_pixel(x, y)
     } else {
-        resized = image::imageops::resize(
-            image,
-            new_width as u32,
-            new_height as u32,
-            FilterType::CatmullRom,
-        );
-        &resized
+        resized = image::imageops::resize(&*square, target, target, FilterType::CatmullRom);
+        &|x, y| *resized.get_pixel(x, y)
     };
-    let top = (new_height.saturating_sub(size)) / 2;
-    let left = (new_width.saturating_sub(size)) / 2;
-    let plane = size * size;
-    let mut out = vec![0.0f32; 3 * plane];
-    for y in 0..size.min(new_height) {
-        for x in 0..size.min(new_width) {
-            let pixel = source.get_pixel((left + x) as u32, (top + y) as u32);
+    let mut out = vec![0.0f32; len];
+    for y in 0..target {
+        for x in 0..target {
+            let pixel = source(x, y);
+            let offset = y as usize * size + x as usize;
             for channel in 0..3 {
                 let value = f32::from(pixel[channel]) / 255.0;
-                out[channel * plane + y * size + x] =
-                    (value - CLIP_MEAN[channel]) / CLIP_STD[channel];
+                out[channel * plane + offset] = (value - CLIP_MEAN[channel]) / CLIP_STD[channel];
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Cuts a preprocessed `[3, size, size]` image into `[patches, 3 * patch * patch]` rows in
@@ -191,7 +292,7 @@ mod tests {
     #[test]
     fn gray_and_16_bit_decode_to_rgb() {
         let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3, image::Luma([200])));
-        let rgb = decode_image(&png_bytes(&gray), "gray.png", 100).unwrap();
+        let rgb = decode_image(&png_bytes(&gray), "gray.png", &ImageLimits::with_max_pixels(100)).unwrap();
         assert_eq!(rgb.dimensions(), (4, 3));
         assert_eq!(rgb.get_pixel(1, 1).0, [200, 200, 200]);
 
@@ -200,25 +301,25 @@ mod tests {
             2,
             image::Rgb([65535u16, 0, 32896]),
         ));
-        let rgb = decode_image(&png_bytes(&deep), "deep.png", 100).unwrap();
+        let rgb = decode_image(&png_bytes(&deep), "deep.png", &ImageLimits::with_max_pixels(100)).unwrap();
         assert_eq!(rgb.get_pixel(0, 0).0, [255, 0, 128]);
     }
 
     #[test]
     fn refuses_bad_input_with_the_name() {
-        let error = decode_image(b"", "zero.jpg", 100).unwrap_err();
+        let error = decode_image(b"", "zero.jpg", &ImageLimits::with_max_pixels(100)).unwrap_err();
         assert!(error.to_string().contains("zero.jpg"));
-        let error = decode_image(b"hello, not an image", "text.jpg", 100).unwrap_err();
+        let error = decode_image(b"hello, not an image", "text.jpg", &ImageLimits::with_max_pixels(100)).unwrap_err();
         assert!(matches!(error, ImageError::UnknownFormat { .. }), "{error}");
         let big = DynamicImage::ImageRgb8(RgbImage::new(20, 10));
-        let error = decode_image(&png_bytes(&big), "big.png", 199).unwrap_err();
+        let error = decode_image(&png_bytes(&big), "big.png", &ImageLimits::with_max_pixels(199)).unwrap_err();
         assert!(
             matches!(error, ImageError::TooLarge { pixels: 200, .. }),
             "{error}"
         );
         let mut truncated = png_bytes(&big);
         truncated.truncate(truncated.len() / 2);
-        let error = decode_image(&truncated, "cut.png", 1000).unwrap_err();
+        let error = decode_image(&truncated, "cut.png", &ImageLimits::with_max_pixels(1000)).unwrap_err();
         assert!(matches!(error, ImageError::Decode { .. }), "{error}");
     }
 
@@ -247,9 +348,71 @@ mod tests {
                 image.put_pixel(x, y, image::Rgb([value, value, value]));
             }
         }
-        let pixels = preprocess(&image, 4);
+        let pixels = preprocess(&image, "crop.png", 4).unwrap();
         assert_eq!(pixels.len(), 3 * 16);
         let white_red = (1.0 - CLIP_MEAN[0]) / CLIP_STD[0];
         assert!(pixels[..16].iter().all(|&v| (v - white_red).abs() < 1e-6));
+    }
+
+    #[test]
+    fn aspect_ratio_limit_is_exact_and_checked_before_decoding() {
+        let limits = ImageLimits::new(1 << 40, 20);
+        assert!(limits.check("ok", 20, 1).is_ok());
+        assert!(limits.check("ok", 1, 20).is_ok());
+        assert!(matches!(
+            limits.check("wide", 21, 1),
+            Err(ImageError::AspectRatio { limit: 20, .. })
+        ));
+        assert!(matches!(
+            limits.check("tall", 1, 100_000_000),
+            Err(ImageError::AspectRatio { .. })
+        ));
+        assert!(matches!(
+            limits.check("zero", 0, 5),
+            Err(ImageError::Degenerate { .. })
+        ));
+        // The largest u32 sides do not overflow the check.
+        assert!(matches!(
+            limits.check("max", u32::MAX, 1),
+            Err(ImageError::AspectRatio { .. })
+        ));
+        assert!(matches!(
+            ImageLimits::new(u64::MAX, u32::MAX).check("max", u32::MAX, u32::MAX),
+            Ok(())
+        ));
+        // A PNG header claiming 100,000,000 x 1 is refused from the header alone: the body
+        // here is garbage and is never decoded.
+        let mut png = png_bytes(&DynamicImage::ImageRgb8(RgbImage::new(2, 1)));
+        png[16..20].copy_from_slice(&100_000_000u32.to_be_bytes());
+        let crc = crc32fast::hash(&png[12..29]); // IHDR type + data
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let error = decode_image(&png, "strip.png", &ImageLimits::default()).unwrap_err();
+        assert!(matches!(error, ImageError::AspectRatio { .. }), "{error}");
+        assert!(error.to_string().contains("strip.png"), "{error}");
+    }
+
+    #[test]
+    fn preprocessing_works_on_the_centre_square_only() {
+        // 400x20 (aspect 20): left half red, right half blue; the centre square is 20x20
+        // around x = 200, half red and half blue, and the result is the same as resizing
+        // that square alone.
+        let image = RgbImage::from_fn(400, 20, |x, _| {
+            if x < 200 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) }
+        });
+        let ours = preprocess(&image, "strip.png", 8).unwrap();
+        let square = image::imageops::crop_imm(&image, 190, 0, 20, 20).to_image();
+        let reference = preprocess(&square, "square.png", 8).unwrap();
+        assert_eq!(ours, reference);
+        let red = (1.0 - CLIP_MEAN[0]) / CLIP_STD[0];
+        assert!((ours[0] - red).abs() < 1e-6, "left edge is red");
+        assert!((ours[7] - red).abs() > 0.5, "right edge is not red");
+        // 1-pixel images and upscaling work.
+        let dot = RgbImage::from_pixel(1, 1, image::Rgb([10, 20, 30]));
+        assert_eq!(preprocess(&dot, "dot.png", 4).unwrap().len(), 48);
+        // Sizes whose buffer cannot exist are an error, not a panic.
+        assert!(matches!(
+            preprocess(&dot, "dot.png", usize::MAX),
+            Err(ImageError::Overflow { .. })
+        ));
     }
 }

@@ -22,6 +22,7 @@ use rand::SeedableRng;
 use rand::seq::index;
 use redb::{
     Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
+    ReadableTableMetadata,
     TableDefinition,
 };
 use serde::{Deserialize, Serialize};
@@ -35,11 +36,20 @@ const BY_SEQ: TableDefinition<u64, [u8; 32]> = TableDefinition::new("samples_by_
 /// Hash of the rejected input → JSON [`RejectRecord`] (idempotent: a re-delivered reject
 /// counts once).
 const REJECTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("rejects");
+/// Sample id → JSON [`QuarantineRecord`]: stored samples that a stage cannot use (their
+/// image no longer decodes within the limits, their blob is gone). Every stage skips them
+/// until an operator releases them.
+const QUARANTINE: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("quarantine");
 /// Named counters (see [`Stats`]).
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Ledger file inside the store directory.
 const LEDGER_FILE: &str = "ledger.redb";
+/// How long [`Store::open`] waits for another process's writer to let go of the ledger.
+const OPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest ledger [`StoreReader`] copies to read the committed state of a ledger whose
+/// writer died (it never repairs the original: that is the writer's job).
+const MAX_LEDGER_COPY: u64 = 1 << 30;
 /// Counter holding the last sequence number handed out.
 const SEQ_COUNTER: &str = "seq";
 
@@ -322,6 +332,29 @@ pub struct Stats {
     pub rejected_by_kind: BTreeMap<String, u64>,
     /// Latest change sequence number (a cursor for [`Store::samples_since`]).
     pub last_seq: u64,
+    /// Stored samples in quarantine (skipped by embedding and training).
+    #[serde(default)]
+    pub quarantined: u64,
+}
+
+/// A stored sample a stage could not use, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub id: SampleId,
+    /// Where it failed: `embed`, `reindex`, `train` or `eval`.
+    pub stage: String,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+/// One page of [`Store::page_since`].
+#[derive(Debug, Clone, Default)]
+pub struct SamplePage {
+    /// The usable samples of the page (quarantined ones left out), oldest change first.
+    pub records: Vec<SampleRecord>,
+    /// The cursor after this page: the last sequence number scanned, quarantined or not, so
+    /// that a quarantined sample never pins a cursor.
+    pub next_cursor: u64,
 }
 
 /// Unix milliseconds now.
@@ -356,15 +389,31 @@ impl Store {
             }
         }
         let path = root.join(LEDGER_FILE);
-        let db = Builder::new()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .create(&path)
-            .map_err(|error| StoreError::Open {
-                path: path.clone(),
-                error,
-            })?;
+        // Another writer (an offline command such as `rsitrd import`) may hold the ledger for
+        // a moment: wait for it briefly rather than failing a service start.
+        let deadline = std::time::Instant::now() + OPEN_WAIT;
+        let db = loop {
+            match Builder::new()
+                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .create(&path)
+            {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(error) => {
+                    return Err(StoreError::Open {
+                        path: path.clone(),
+                        error,
+                    });
+                }
+            }
+        };
         let txn = db.begin_write().map_err(ledger_error)?;
         {
+            txn.open_table(QUARANTINE).map_err(ledger_error)?;
             txn.open_table(SAMPLES).map_err(ledger_error)?;
             txn.open_table(BY_SEQ).map_err(ledger_error)?;
             txn.open_table(REJECTS).map_err(ledger_error)?;
@@ -609,6 +658,122 @@ impl Store {
         Ok(out)
     }
 
+    /// Like [`Store::samples_since`], without quarantined samples; the page's cursor moves
+    /// past them.
+    pub fn page_since(&self, cursor: u64, limit: usize) -> Result<SamplePage, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
+        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let quarantine = txn.open_table(QUARANTINE).map_err(ledger_error)?;
+        let mut page = SamplePage {
+            records: Vec::new(),
+            next_cursor: cursor,
+        };
+        // `limit` bounds the records decoded; scanned quarantined entries are bounded too, so
+        // a page is bounded work whatever the quarantine holds.
+        let mut scanned = 0usize;
+        for entry in by_seq.range(cursor + 1..).map_err(ledger_error)? {
+            if page.records.len() >= limit || scanned >= limit.saturating_mul(4).max(1024) {
+                break;
+            }
+            scanned += 1;
+            let (seq, id) = entry.map_err(ledger_error)?;
+            let id = SampleId(id.value());
+            page.next_cursor = seq.value();
+            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
+                continue;
+            }
+            let bytes = samples
+                .get(id.0)
+                .map_err(ledger_error)?
+                .ok_or(StoreError::UnknownSample(id))?;
+            page.records.push(decode_record(&id, bytes.value())?);
+        }
+        Ok(page)
+    }
+
+    /// Puts a stored sample in quarantine (`stage` could not use it, for `reason`); returns
+    /// whether it was not there already. Deterministic failures only: a transient one (disk,
+    /// index) is retried instead.
+    pub fn quarantine(&self, id: &SampleId, stage: &str, reason: &str) -> Result<bool, StoreError> {
+        let record = QuarantineRecord {
+            id: *id,
+            stage: stage.into(),
+            reason: reason.into(),
+            at_ms: now_ms(),
+        };
+        let bytes = serde_json::to_vec(&record).map_err(ledger_error)?;
+        let txn = self.db.begin_write().map_err(ledger_error)?;
+        let new = {
+            let mut table = txn.open_table(QUARANTINE).map_err(ledger_error)?;
+            let known = table.get(id.0).map_err(ledger_error)?.is_some();
+            if !known {
+                table.insert(id.0, bytes.as_slice()).map_err(ledger_error)?;
+            }
+            !known
+        };
+        txn.commit().map_err(ledger_error)?;
+        Ok(new)
+    }
+
+    /// Whether a sample is in quarantine.
+    pub fn is_quarantined(&self, id: &SampleId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let table = txn.open_table(QUARANTINE).map_err(ledger_error)?;
+        Ok(table.get(id.0).map_err(ledger_error)?.is_some())
+    }
+
+    /// The quarantine, in id order.
+    pub fn quarantined(&self) -> Result<Vec<QuarantineRecord>, StoreError> {
+        read_quarantine(&self.db)
+    }
+
+    /// Takes samples out of quarantine (`None`: all of them) and gives each a new change
+    /// sequence number in the same transaction, so that the index worker embeds them again;
+    /// returns the ids released. Unknown ids are ignored.
+    pub fn release(&self, ids: Option<&[SampleId]>) -> Result<Vec<SampleId>, StoreError> {
+        let txn = self.db.begin_write().map_err(ledger_error)?;
+        let mut released = Vec::new();
+        {
+            let mut quarantine = txn.open_table(QUARANTINE).map_err(ledger_error)?;
+            let mut samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+            let mut by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
+            let mut counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
+            let wanted: Vec<SampleId> = match ids {
+                Some(ids) => ids.to_vec(),
+                None => {
+                    let mut all = Vec::new();
+                    for entry in quarantine.iter().map_err(ledger_error)? {
+                        all.push(SampleId(entry.map_err(ledger_error)?.0.value()));
+                    }
+                    all
+                }
+            };
+            let mut seq = counter(&counters, SEQ_COUNTER)?;
+            for id in wanted {
+                if quarantine.remove(id.0).map_err(ledger_error)?.is_none() {
+                    continue;
+                }
+                let record = match samples.get(id.0).map_err(ledger_error)? {
+                    Some(bytes) => Some(decode_record(&id, bytes.value())?),
+                    None => None,
+                };
+                if let Some(mut record) = record {
+                    by_seq.remove(record.seq).map_err(ledger_error)?;
+                    seq += 1;
+                    record.seq = seq;
+                    record.updated_ms = now_ms();
+                    put_record(&mut samples, &record)?;
+                    by_seq.insert(seq, id.0).map_err(ledger_error)?;
+                }
+                released.push(id);
+            }
+            counters.insert(SEQ_COUNTER, seq).map_err(ledger_error)?;
+        }
+        txn.commit().map_err(ledger_error)?;
+        Ok(released)
+    }
+
     /// A seeded uniform sample of up to `count` samples of `split` created at or before
     /// `created_at_or_before` (the replay set for continual training).
     pub fn replay_sample(
@@ -620,10 +785,14 @@ impl Store {
     ) -> Result<Vec<SampleRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(ledger_error)?;
         let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let quarantine = txn.open_table(QUARANTINE).map_err(ledger_error)?;
         let mut candidates = Vec::new();
         for entry in samples.iter().map_err(ledger_error)? {
             let (key, bytes) = entry.map_err(ledger_error)?;
             let id = SampleId(key.value());
+            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
+                continue;
+            }
             let record = decode_record(&id, bytes.value())?;
             if record.split == split && record.created_seq <= created_at_or_before {
                 candidates.push(record);
@@ -637,14 +806,18 @@ impl Store {
         Ok(chosen.into_iter().map(|i| candidates[i].clone()).collect())
     }
 
-    /// Every sample of a split, in id order.
+    /// Every sample of a split (quarantined ones left out), in id order.
     pub fn samples_in(&self, split: Option<SampleSplit>) -> Result<Vec<SampleRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(ledger_error)?;
         let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let quarantine = txn.open_table(QUARANTINE).map_err(ledger_error)?;
         let mut out = Vec::new();
         for entry in samples.iter().map_err(ledger_error)? {
             let (key, bytes) = entry.map_err(ledger_error)?;
             let id = SampleId(key.value());
+            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
+                continue;
+            }
             let record = decode_record(&id, bytes.value())?;
             if split.is_none_or(|split| record.split == split) {
                 out.push(record);
@@ -671,12 +844,17 @@ impl Store {
     }
 }
 
-/// Read-only view of a store another process writes (`rsitrd stats` beside the daemon).
+/// Read-only view of a store another process writes (`rsitrd stats` beside the daemon). It
+/// never takes the writer's lock: a daemon (re)starting at any moment opens its ledger.
 pub enum StoreReader {
     /// The ledger, opened read-only beside its writer.
     Ledger(ReadOnlyDatabase),
-    /// The ledger after repairing it: the last writer died without closing it and none runs.
-    Repaired(Box<Store>),
+    /// The last writer died without closing the ledger and none has recovered it yet: a
+    /// private copy, recovered, shows what was committed (the original is left to the writer).
+    Copy {
+        db: Box<Database>,
+        _dir: tempfile::TempDir,
+    },
     /// No store in this directory yet.
     Empty,
 }
@@ -701,19 +879,13 @@ impl StoreReader {
                 .open_read_only(&path)
             {
                 Ok(db) => return Ok(Self::Ledger(db)),
-                // A read-only handle cannot recover a ledger whose writer was killed. With no
-                // writer running, recover it here; with one starting, it recovers it itself.
-                Err(redb::DatabaseError::RepairAborted) => {
-                    let policy = SplitPolicy {
-                        val_fraction: 0.0,
-                        seed: 0,
-                    };
-                    if let Ok(store) = Store::open(root, policy) {
-                        tracing::info!(store = %root.display(), "the ledger was not closed cleanly: recovered it");
-                        return Ok(Self::Repaired(Box::new(store)));
+                Err(redb::DatabaseError::RepairAborted) => match Self::recovered_copy(&path) {
+                    Ok(reader) => return Ok(reader),
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot read a copy of the unrecovered ledger yet");
+                        last_error = Some(redb::DatabaseError::RepairAborted);
                     }
-                    last_error = Some(redb::DatabaseError::RepairAborted);
-                }
+                },
                 Err(error) => last_error = Some(error),
             }
             std::thread::sleep(std::time::Duration::from_millis(25));
@@ -724,13 +896,70 @@ impl StoreReader {
         })
     }
 
+    /// Copies the ledger to a private temporary file and recovers the copy there.
+    fn recovered_copy(path: &Path) -> Result<Self, StoreError> {
+        let io = |error| StoreError::Io {
+            path: path.to_path_buf(),
+            error,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_LEDGER_COPY {
+            return Err(StoreError::Ledger(format!(
+                "the ledger was not closed cleanly and is too large ({len} bytes) to read a copy: start the daemon to recover it"
+            )));
+        }
+        let dir = tempfile::tempdir().map_err(io)?;
+        let copy = dir.path().join(LEDGER_FILE);
+        std::fs::copy(path, &copy).map_err(io)?;
+        let db = Builder::new()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(&copy)
+            .map_err(|error| StoreError::Open {
+                path: copy.clone(),
+                error,
+            })?;
+        Ok(Self::Copy {
+            db: Box::new(db),
+            _dir: dir,
+        })
+    }
+
     pub fn stats(&self) -> Result<Stats, StoreError> {
         match self {
             Self::Ledger(db) => read_stats(db),
-            Self::Repaired(store) => store.stats(),
+            Self::Copy { db, .. } => read_stats(db.as_ref()),
             Self::Empty => Ok(Stats::default()),
         }
     }
+
+    /// The quarantine (empty for a store not created yet).
+    pub fn quarantined(&self) -> Result<Vec<QuarantineRecord>, StoreError> {
+        match self {
+            Self::Ledger(db) => read_quarantine(db),
+            Self::Copy { db, .. } => read_quarantine(db.as_ref()),
+            Self::Empty => Ok(Vec::new()),
+        }
+    }
+}
+
+fn read_quarantine(db: &impl ReadableDatabase) -> Result<Vec<QuarantineRecord>, StoreError> {
+    let txn = db.begin_read().map_err(ledger_error)?;
+    let table = match txn.open_table(QUARANTINE) {
+        Ok(table) => table,
+        // A ledger of an older version, or not initialised yet.
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(error) => return Err(ledger_error(error)),
+    };
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(ledger_error)? {
+        let (key, bytes) = entry.map_err(ledger_error)?;
+        let record = serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
+            what: format!("quarantine record {}", SampleId(key.value())),
+            reason: e.to_string(),
+        })?;
+        out.push(record);
+    }
+    Ok(out)
 }
 
 fn read_stats(db: &impl ReadableDatabase) -> Result<Stats, StoreError> {
@@ -742,6 +971,11 @@ fn read_stats(db: &impl ReadableDatabase) -> Result<Stats, StoreError> {
         Err(error) => return Err(ledger_error(error)),
     };
     let mut stats = Stats::default();
+    match txn.open_table(QUARANTINE) {
+        Ok(table) => stats.quarantined = table.len().map_err(ledger_error)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(error) => return Err(ledger_error(error)),
+    }
     for entry in counters.iter().map_err(ledger_error)? {
         let (name, value) = entry.map_err(ledger_error)?;
         let (name, value) = (name.value().to_string(), value.value());

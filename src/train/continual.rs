@@ -14,10 +14,10 @@ use super::{AdapterTrainer, StepLosses};
 use crate::config::TrainingSection;
 use crate::eval::{RetrievalMetrics, retrieval_metrics, similarity_matrix};
 use crate::model::clip::mix_seed;
-use crate::model::preprocess::{decode_image, preprocess};
+use crate::model::preprocess::{ImageLimits, load_image};
 use crate::model::weights::{self, AdapterMeta, WeightsError};
 use crate::model::{Embedder, LossConfig, pixel_tensor, tokenizer};
-use crate::store::{SampleRecord, Store, StoreError};
+use crate::store::{SampleId, SampleRecord, Store, StoreError};
 
 /// Why a run failed (the daemon records it and tries again at the next trigger).
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +26,10 @@ pub enum ContinualError {
     Weights(#[from] WeightsError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("stored image {id} cannot be decoded any more: {reason}")]
-    Image { id: String, reason: String },
+    /// A deterministic failure of one stored sample (its image no longer decodes within the
+    /// limits, its blob is gone): quarantine it, retrying cannot help.
+    #[error("stored sample {id} is unusable: {reason}")]
+    Unusable { id: SampleId, reason: String },
     #[error("no training samples")]
     NoSamples,
     #[error("cancelled")]
@@ -44,21 +46,48 @@ pub struct Candidate<B: Backend> {
     pub finite: bool,
 }
 
-/// Preprocessed `[3, size, size]` pixels of a stored sample.
+/// Preprocessed `[3, size, size]` pixels of a stored sample. A missing blob or an image that
+/// no longer passes `limits` is [`ContinualError::Unusable`]; other read errors are transient.
 pub fn sample_pixels(
     store: &Store,
     record: &SampleRecord,
     size: usize,
-    max_pixels: u64,
+    limits: &ImageLimits,
 ) -> Result<Vec<f32>, ContinualError> {
-    let bytes = store.read_image(&record.id)?;
-    let image = decode_image(&bytes, &record.id.to_hex(), max_pixels).map_err(|e| {
-        ContinualError::Image {
-            id: record.id.to_hex(),
-            reason: e.to_string(),
+    let unusable = |reason: String| ContinualError::Unusable {
+        id: record.id,
+        reason,
+    };
+    let bytes = match store.read_image(&record.id) {
+        Ok(bytes) => bytes,
+        Err(StoreError::Io { path, error }) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(unusable(format!("image blob {} is missing", path.display())));
         }
-    })?;
-    Ok(preprocess(&image, size))
+        Err(error) => return Err(error.into()),
+    };
+    load_image(&bytes, &record.id.to_hex(), limits, size).map_err(|e| unusable(e.to_string()))
+}
+
+/// Puts an unusable sample in quarantine (logged and counted); a store error is returned.
+pub fn quarantine(
+    store: &Store,
+    id: &SampleId,
+    stage: &str,
+    reason: &str,
+) -> Result<(), ContinualError> {
+    if store.quarantine(id, stage, reason)? {
+        metrics::counter!("rsitrd_quarantined_total", "stage" => stage.to_string()).increment(1);
+        tracing::warn!(sample_id = %id, stage, reason, "sample quarantined: skipped until released");
+        report_quarantine(store);
+    }
+    Ok(())
+}
+
+/// Sets the `rsitrd_quarantined_samples` gauge from the ledger.
+pub fn report_quarantine(store: &Store) {
+    if let Ok(stats) = store.stats() {
+        metrics::gauge!("rsitrd_quarantined_samples").set(stats.quarantined as f64);
+    }
 }
 
 /// Trains `steps` adapter steps starting from `parent` (none: the untrained adapter) on
@@ -72,7 +101,7 @@ pub fn train_candidate<AB: AutodiffBackend>(
     store: &Store,
     config: &TrainingSection,
     seed: u64,
-    max_pixels: u64,
+    limits: &ImageLimits,
     batch_size_for_embedding: usize,
     device: &AB::Device,
     cancel: &CancellationToken,
@@ -105,18 +134,30 @@ pub fn train_candidate<AB: AutodiffBackend>(
             return Err(ContinualError::Cancelled);
         }
         let mut chosen = Vec::with_capacity(batch);
-        while chosen.len() < batch {
-            if cursor == order.len() {
+        let mut pixels = Vec::with_capacity(batch);
+        while chosen.len() < batch.min(order.len()) {
+            if cursor >= order.len() {
                 order.shuffle(&mut rng);
                 cursor = 0;
             }
-            chosen.push(order[cursor]);
-            cursor += 1;
+            let index = order[cursor];
+            match sample_pixels(store, &samples[index], image_size, limits) {
+                Ok(sample) => {
+                    chosen.push(index);
+                    pixels.push(sample);
+                    cursor += 1;
+                }
+                // An unusable sample leaves the run (and every later one): quarantined.
+                Err(ContinualError::Unusable { id, reason }) => {
+                    quarantine(store, &id, "train", &reason)?;
+                    order.remove(cursor);
+                }
+                Err(error) => return Err(error),
+            }
         }
-        let pixels: Vec<Vec<f32>> = chosen
-            .iter()
-            .map(|&i| sample_pixels(store, &samples[i], image_size, max_pixels))
-            .collect::<Result<_, _>>()?;
+        if chosen.len() < 2 {
+            return Err(ContinualError::NoSamples);
+        }
         let ids: Vec<Vec<i32>> = chosen
             .iter()
             .map(|&i| {
@@ -173,28 +214,43 @@ pub fn evaluate_on_store<B: Backend>(
     embedder: &Embedder<B>,
     store: &Store,
     samples: &[SampleRecord],
-    max_pixels: u64,
+    limits: &ImageLimits,
     cancel: &CancellationToken,
 ) -> Result<RetrievalMetrics, ContinualError> {
     let size = embedder.image_size();
     let mut images = Vec::with_capacity(samples.len());
     let mut texts = Vec::new();
     let mut caption_image = Vec::new();
-    for (chunk_index, chunk) in samples.chunks(EVAL_CHUNK).enumerate() {
+    for chunk in samples.chunks(EVAL_CHUNK) {
         if cancel.is_cancelled() {
             return Err(ContinualError::Cancelled);
         }
-        let pixels: Vec<Vec<f32>> = chunk
-            .iter()
-            .map(|record| sample_pixels(store, record, size, max_pixels))
-            .collect::<Result<_, _>>()?;
+        let mut pixels = Vec::with_capacity(chunk.len());
+        let mut usable = Vec::with_capacity(chunk.len());
+        for record in chunk {
+            match sample_pixels(store, record, size, limits) {
+                Ok(sample) => {
+                    pixels.push(sample);
+                    usable.push(record);
+                }
+                // Quarantined, and so left out of every later evaluation too.
+                Err(ContinualError::Unusable { id, reason }) => {
+                    quarantine(store, &id, "eval", &reason)?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if usable.is_empty() {
+            continue;
+        }
         let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+        let first = images.len();
         images.extend(embedder.embed_pixels(&refs));
         let mut captions = Vec::new();
-        for (offset, record) in chunk.iter().enumerate() {
+        for (offset, record) in usable.iter().enumerate() {
             for caption in &record.captions {
                 captions.push(caption.as_str());
-                caption_image.push(chunk_index * EVAL_CHUNK + offset);
+                caption_image.push(first + offset);
             }
         }
         texts.extend(embedder.embed_texts(&captions));

@@ -1,0 +1,179 @@
+//! A running `rsitrd run` on the tiny CLIP for end-to-end tests, and HTTP helpers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::Value;
+
+use super::ingest::{Ingest, TestEnv, unique, wait_for};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Daemon {
+    pub env: TestEnv,
+    pub base: String,
+    pub process: Option<Ingest>,
+    pub log: std::path::PathBuf,
+}
+
+impl Daemon {
+    pub fn new(root: &Path, extra: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut env = TestEnv::new(root, &unique("daemon"));
+        env.inbox_enabled = true;
+        env.extra = vec![
+            (
+                "RSITRD__MODEL__DIR".into(),
+                super::fixture("tiny-clip").display().to_string(),
+            ),
+            ("RSITRD__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")),
+            ("RSITRD__INBOX__SETTLE".into(), "200ms".into()),
+            ("RSITRD__STORE__VAL_FRACTION".into(), "0.3".into()),
+            ("RSITRD__TRAINING__MIN_NEW_SAMPLES".into(), "100000".into()),
+            ("RSITRD__TRAINING__STEPS".into(), "6".into()),
+            ("RSITRD__TRAINING__BATCH_SIZE".into(), "4".into()),
+            ("RSITRD__TRAINING__LR".into(), "0.001".into()),
+            ("RSITRD_API_TOKEN".into(), String::new()),
+        ];
+        for (key, value) in extra {
+            env.extra.push((key.to_string(), value.to_string()));
+        }
+        Self {
+            env,
+            base: format!("http://127.0.0.1:{port}"),
+            process: None,
+            log: root.join("daemon.log"),
+        }
+    }
+
+    pub fn start(&mut self) {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .env
+            .command()
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        self.process = Some(Ingest::from_child(child, &self.log));
+        let base = self.base.clone();
+        let log = self.log.clone();
+        wait_for(Duration::from_secs(60), "readyz", || {
+            ureq::get(&format!("{base}/readyz"))
+                .call()
+                .is_ok_and(|r| r.status() == 200)
+                || {
+                    assert!(
+                        !std::fs::read_to_string(&log)
+                            .unwrap_or_default()
+                            .contains("\"level\":\"ERROR\""),
+                        "daemon failed: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    false
+                }
+        });
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = ureq::post(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .unwrap();
+        read(response)
+    }
+
+    /// Any method, raw body and content type; the whole answer.
+    pub fn raw(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Reply {
+        let url = format!("{}{path}", self.base);
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let request = request.body(body.to_vec()).unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .allow_non_standard_methods(true)
+            .build()
+            .into();
+        let mut response = agent.run(request).unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let content_type = header("content-type").unwrap_or_default();
+        let retry_after = header("retry-after");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        Reply {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            content_type,
+            retry_after,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let response = ureq::get(&format!("{}{path}", self.base))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .unwrap();
+        read(response)
+    }
+}
+
+pub fn read(mut response: ureq::http::Response<ureq::Body>) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+
+/// A whole HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+}
+
+impl Reply {
+    /// The `{"error": ...}` message, asserting the answer is a JSON error.
+    pub fn error(&self) -> String {
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "not JSON: {self:?}"
+        );
+        self.body["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no `error` field: {self:?}"))
+            .to_string()
+    }
+}

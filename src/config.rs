@@ -654,7 +654,10 @@ impl Config {
 
     /// The image limits every path checks (ingest, stored samples, queries).
     pub fn image_limits(&self) -> crate::model::preprocess::ImageLimits {
-        crate::model::preprocess::ImageLimits::new(self.model.max_pixels, self.model.max_aspect_ratio)
+        crate::model::preprocess::ImageLimits::new(
+            self.model.max_pixels,
+            self.model.max_aspect_ratio,
+        )
     }
 
     /// Checks values serde cannot.

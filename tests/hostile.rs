@@ -119,9 +119,11 @@ fn exif_rotated_jpeg() -> Vec<u8> {
     );
     let tiff: Vec<u8> = [
         &b"MM\x00\x2a\x00\x00\x00\x08"[..],
-        &[0x00, 0x01],                                                 // one entry
-        &[0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00], // orientation = 6
-        &[0x00, 0x00, 0x00, 0x00],                                     // no next IFD
+        &[0x00, 0x01], // one entry
+        &[
+            0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00,
+        ], // orientation = 6
+        &[0x00, 0x00, 0x00, 0x00], // no next IFD
     ]
     .concat();
     let payload = [&b"Exif\x00\x00"[..], &tiff].concat();
@@ -145,7 +147,10 @@ fn image_cases() -> Vec<Case> {
         image::Rgb([x as f32 / 22.0, y as f32 / 16.0, 0.25])
     }));
     let png = |image: image::RgbImage| {
-        encode(image::DynamicImage::ImageRgb8(image), image::ImageFormat::Png)
+        encode(
+            image::DynamicImage::ImageRgb8(image),
+            image::ImageFormat::Png,
+        )
     };
     let jpeg = encode(
         image::DynamicImage::ImageRgb8(gradient(40, 30, 3)),
@@ -301,7 +306,9 @@ async fn publish(queue: &str, messages: &[(String, Vec<u8>)]) {
 fn http_over_tcp(address: &str, head: &str, body: &[u8]) -> String {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     stream.write_all(head.as_bytes()).unwrap();
     // The server may answer and close before the body is through: not an error here.
     let _ = stream.write_all(body);
@@ -362,7 +369,10 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
         &[
             ("RSITRD__AMQP__ENABLED", "true"),
             ("RSITRD__AMQP__QUEUE", &queue),
-            ("RSITRD__INBOX__REJECTED_DIR", rejected_dir.to_str().unwrap()),
+            (
+                "RSITRD__INBOX__REJECTED_DIR",
+                rejected_dir.to_str().unwrap(),
+            ),
             ("RSITRD__INBOX__DONE_DIR", done_dir.to_str().unwrap()),
             ("RSITRD__INBOX__ORPHAN_TIMEOUT", "2s"),
             ("RSITRD__INBOX__RESCAN_INTERVAL", "200ms"),
@@ -379,20 +389,28 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
             "POST",
             "/v1/search",
             Some("application/json"),
-            json!({"image_b64": b64(&case.bytes), "k": 3}).to_string().as_bytes(),
+            json!({"image_b64": b64(&case.bytes), "k": 3})
+                .to_string()
+                .as_bytes(),
         );
         let embed = daemon.raw(
             "POST",
             "/v1/embed",
             Some("application/json"),
-            json!({"images_b64": [b64(&case.bytes)]}).to_string().as_bytes(),
+            json!({"images_b64": [b64(&case.bytes)]})
+                .to_string()
+                .as_bytes(),
         );
         for (route, reply) in [("search", &search), ("embed", &embed)] {
             match case.refused {
                 None => assert_eq!(reply.status, 200, "{} via {route}: {reply:?}", case.name),
                 Some(words) => {
                     assert_eq!(reply.status, 400, "{} via {route}: {reply:?}", case.name);
-                    assert!(reply.error().contains(words), "{} via {route}: {reply:?}", case.name);
+                    assert!(
+                        reply.error().contains(words),
+                        "{} via {route}: {reply:?}",
+                        case.name
+                    );
                 }
             }
         }
@@ -405,26 +423,130 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
 
     // 2. Malformed requests on every route: always a JSON error, never plain text.
     let json_type = Some("application/json");
-    let malformed: Vec<(&str, &str, Option<&str>, Vec<u8>, u16)> = vec![
-        ("POST", "/v1/search", json_type, b"{\"text\": ".to_vec(), 400),
-        ("POST", "/v1/search", json_type, br#"{"text": 5, "k": 3}"#.to_vec(), 400),
-        ("POST", "/v1/search", json_type, br#"{"text": "x", "k": 3, "colour": 1}"#.to_vec(), 400),
-        ("POST", "/v1/search", Some("text/plain"), br#"{"text": "x", "k": 3}"#.to_vec(), 415),
-        ("POST", "/v1/search", json_type, b"{\"text\": \"\xff\xfe\", \"k\": 3}".to_vec(), 400),
-        ("POST", "/v1/search", json_type, br#"{"text": "x", "k": 3, "filter": {"a": [1]}}"#.to_vec(), 400),
-        ("POST", "/v1/search", json_type, br#"{"image_b64": "!!!", "k": 3}"#.to_vec(), 400),
+    // (method, path, content type, body, status)
+    type Request<'a> = (&'a str, &'a str, Option<&'a str>, Vec<u8>, u16);
+    let malformed: Vec<Request> = vec![
+        (
+            "POST",
+            "/v1/search",
+            json_type,
+            b"{\"text\": ".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/search",
+            json_type,
+            br#"{"text": 5, "k": 3}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/search",
+            json_type,
+            br#"{"text": "x", "k": 3, "colour": 1}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/search",
+            Some("text/plain"),
+            br#"{"text": "x", "k": 3}"#.to_vec(),
+            415,
+        ),
+        (
+            "POST",
+            "/v1/search",
+            json_type,
+            b"{\"text\": \"\xff\xfe\", \"k\": 3}".to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/search",
+            json_type,
+            br#"{"text": "x", "k": 3, "filter": {"a": [1]}}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/search",
+            json_type,
+            br#"{"image_b64": "!!!", "k": 3}"#.to_vec(),
+            400,
+        ),
         ("POST", "/v1/search", json_type, Vec::new(), 400),
-        ("POST", "/v1/embed", json_type, br#"{"texts": "a"}"#.to_vec(), 400),
-        ("POST", "/v1/embed", json_type, br#"{"texts": [""]}"#.to_vec(), 400),
-        ("POST", "/v1/embed", None, br#"{"texts": ["a"]}"#.to_vec(), 415),
-        ("POST", "/v1/rollback", json_type, br#"{"to":"abc"}"#.to_vec(), 400),
-        ("POST", "/v1/rollback", json_type, br#"{"to": 1, "x": 2}"#.to_vec(), 400),
-        ("POST", "/v1/rollback", Some("text/plain"), br#"{"to": 1}"#.to_vec(), 415),
-        ("POST", "/v1/rollback", json_type, br#"{"to": 999}"#.to_vec(), 409),
-        ("POST", "/v1/train", json_type, br#"{"steps": 5}"#.to_vec(), 400),
+        (
+            "POST",
+            "/v1/embed",
+            json_type,
+            br#"{"texts": "a"}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/embed",
+            json_type,
+            br#"{"texts": [""]}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/embed",
+            None,
+            br#"{"texts": ["a"]}"#.to_vec(),
+            415,
+        ),
+        (
+            "POST",
+            "/v1/rollback",
+            json_type,
+            br#"{"to":"abc"}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/rollback",
+            json_type,
+            br#"{"to": 1, "x": 2}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/rollback",
+            Some("text/plain"),
+            br#"{"to": 1}"#.to_vec(),
+            415,
+        ),
+        (
+            "POST",
+            "/v1/rollback",
+            json_type,
+            br#"{"to": 999}"#.to_vec(),
+            409,
+        ),
+        (
+            "POST",
+            "/v1/train",
+            json_type,
+            br#"{"steps": 5}"#.to_vec(),
+            400,
+        ),
         ("POST", "/v1/train", json_type, b"[1, 2".to_vec(), 400),
-        ("POST", "/v1/quarantine/release", json_type, br#"{"ids": ["xyz"]}"#.to_vec(), 400),
-        ("POST", "/v1/quarantine/release", json_type, br#"{}"#.to_vec(), 400),
+        (
+            "POST",
+            "/v1/quarantine/release",
+            json_type,
+            br#"{"ids": ["xyz"]}"#.to_vec(),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/quarantine/release",
+            json_type,
+            br#"{}"#.to_vec(),
+            400,
+        ),
         ("GET", "/v1/search", None, Vec::new(), 405),
         ("DELETE", "/v1/status", None, Vec::new(), 405),
         ("GET", "/v1/nope", None, Vec::new(), 404),
@@ -457,7 +579,10 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     );
     for answer in [announced, streamed] {
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-        assert!(answer.contains("{\"error\":") && answer.contains("length limit"), "{answer}");
+        assert!(
+            answer.contains("{\"error\":") && answer.contains("length limit"),
+            "{answer}"
+        );
     }
     alive(&mut daemon);
 
@@ -496,7 +621,9 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     let error_file = |name: &str| rejected_dir.join(format!("{name}.error.txt"));
     wait_for(Duration::from_secs(90), "every inbox case handled", || {
         cases.iter().all(|case| match case.refused {
-            None => done_dir.join(format!("{}.{}", case.name, case.ext)).exists(),
+            None => done_dir
+                .join(format!("{}.{}", case.name, case.ext))
+                .exists(),
             Some(_) => error_file(case.name).exists(),
         }) && ["bad-utf8", "leak", "dirlink", "dangling"]
             .iter()
@@ -512,7 +639,10 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     assert!(reason.contains("not valid UTF-8"), "{reason}");
     for link in ["dirlink", "dangling"] {
         let reason = std::fs::read_to_string(error_file(link)).unwrap();
-        assert!(reason.contains("symbolic links are not accepted"), "{reason}");
+        assert!(
+            reason.contains("symbolic links are not accepted"),
+            "{reason}"
+        );
         assert!(
             std::fs::symlink_metadata(rejected_dir.join(format!("{link}.png")))
                 .unwrap()
@@ -558,7 +688,12 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
         .map(|case| {
             (
                 case.name.to_string(),
-                encode_message(case.name, &case.bytes, &[caption_of(case)], Default::default()),
+                encode_message(
+                    case.name,
+                    &case.bytes,
+                    &[caption_of(case)],
+                    Default::default(),
+                ),
             )
         })
         .collect();
@@ -574,7 +709,9 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
         for (body, reason, _) in rt.block_on(drain(&connection, &dead_queue)) {
             let key = cases
                 .iter()
-                .find(|c| body == encode_message(c.name, &c.bytes, &[caption_of(c)], Default::default()))
+                .find(|c| {
+                    body == encode_message(c.name, &c.bytes, &[caption_of(c)], Default::default())
+                })
                 .map_or("bad-utf8".to_string(), |c| c.name.to_string());
             dead.insert(key, reason);
         }
@@ -582,7 +719,12 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     }
     for case in &cases {
         match case.refused {
-            Some(words) => assert!(dead[case.name].contains(words), "{}: {}", case.name, dead[case.name]),
+            Some(words) => assert!(
+                dead[case.name].contains(words),
+                "{}: {}",
+                case.name,
+                dead[case.name]
+            ),
             None => assert!(!dead.contains_key(case.name), "{} dead-lettered", case.name),
         }
     }
@@ -593,12 +735,16 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     // Stored: exactly the accepted images (inbox and AMQP deliver the same ones: one sample
     // each) and the image with broken captions' partner never; all embedded, none
     // quarantined.
-    wait_for(Duration::from_secs(120), "accepted samples embedded", || {
-        let (_, status) = daemon.get("/v1/status");
-        status["samples"]["samples"] == accepted.len() as u64
-            && status["backlog"] == 0
-            && status["index_points"] == 2 * accepted.len() as u64
-    });
+    wait_for(
+        Duration::from_secs(120),
+        "accepted samples embedded",
+        || {
+            let (_, status) = daemon.get("/v1/status");
+            status["samples"]["samples"] == accepted.len() as u64
+                && status["backlog"] == 0
+                && status["index_points"] == 2 * accepted.len() as u64
+        },
+    );
     let (_, status) = daemon.get("/v1/status");
     assert_eq!(status["samples"]["quarantined"], 0, "{status}");
 
@@ -611,10 +757,13 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     for case in &cases {
         let file = format!("{}.{}", case.name, case.ext);
         std::fs::write(images.join(&file), &case.bytes).unwrap();
-        entries.push(json!({"filename": file, "split": "train", "sentences": [{"raw": caption_of(case)}]}));
+        entries.push(
+            json!({"filename": file, "split": "train", "sentences": [{"raw": caption_of(case)}]}),
+        );
     }
     std::os::unix::fs::symlink("/dev/zero", images.join("device.png")).unwrap();
-    entries.push(json!({"filename": "device.png", "split": "train", "sentences": [{"raw": "zeros"}]}));
+    entries
+        .push(json!({"filename": "device.png", "split": "train", "sentences": [{"raw": "zeros"}]}));
     let unreadable = ["truncated-jpeg.jpg", "zero-byte.png", "device.png"];
     let other = TestEnv::new(&temp.path().join("import"), "unused");
     let import = |entries: &[Value]| {
@@ -636,10 +785,18 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     assert_eq!(other.stats()["samples"], 0);
     entries.retain(|e| !unreadable.contains(&e["filename"].as_str().unwrap()));
     let out = import(&entries);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["new"], accepted.len(), "{summary}");
-    assert_eq!(summary["rejected"], entries.len() - accepted.len(), "{summary}");
+    assert_eq!(
+        summary["rejected"],
+        entries.len() - accepted.len(),
+        "{summary}"
+    );
     assert_eq!(other.stats()["samples"], accepted.len() as u64);
     alive(&mut daemon);
     daemon.process.as_mut().unwrap().stop();
@@ -654,7 +811,9 @@ fn rs_mini_with_a_wide_image(root: &Path) -> (PathBuf, PathBuf, String) {
     for sample in common::rs_mini() {
         std::fs::copy(&sample.path, images.join(&sample.filename)).unwrap();
         let sentences: Vec<Value> = sample.captions.iter().map(|c| json!({"raw": c})).collect();
-        entries.push(json!({"filename": sample.filename, "split": sample.split, "sentences": sentences}));
+        entries.push(
+            json!({"filename": sample.filename, "split": sample.split, "sentences": sentences}),
+        );
     }
     let wide = encode(
         image::DynamicImage::ImageRgb8(gradient(600, 200, 11)),
@@ -703,17 +862,24 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
         .extra
         .push(("RSITRD__MODEL__MAX_ASPECT_RATIO".into(), "2".into()));
     daemon.start();
-    wait_for(Duration::from_secs(60), "freshness past the bad sample", || {
-        let (_, status) = daemon.get("/v1/status");
-        status["backlog"] == 0 && status["samples"]["quarantined"] == 1
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "freshness past the bad sample",
+        || {
+            let (_, status) = daemon.get("/v1/status");
+            status["backlog"] == 0 && status["samples"]["quarantined"] == 1
+        },
+    );
     let (_, listed) = daemon.get("/v1/quarantine");
     let records = listed["quarantined"].as_array().unwrap();
     assert_eq!(records.len(), 1, "{listed}");
     assert_eq!(records[0]["id"], wide_id.as_str());
     assert_eq!(records[0]["stage"], "embed");
     assert!(
-        records[0]["reason"].as_str().unwrap().contains("more than 2 times"),
+        records[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("more than 2 times"),
         "{listed}"
     );
     let stats = daemon.env.stats();
@@ -724,10 +890,16 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
         .body_mut()
         .read_to_string()
         .unwrap();
-    assert!(metrics.contains("rsitrd_quarantined_samples 1"), "{metrics}");
+    assert!(
+        metrics.contains("rsitrd_quarantined_samples 1"),
+        "{metrics}"
+    );
     let (_, status) = daemon.get("/v1/status");
     let points_without = status["index_points"].as_u64().unwrap();
-    let (_, found) = daemon.post("/v1/search", &json!({"text": "a wide strip of farmland", "k": 40}));
+    let (_, found) = daemon.post(
+        "/v1/search",
+        &json!({"text": "a wide strip of farmland", "k": 40}),
+    );
     assert!(
         found["results"]
             .as_array()
@@ -757,7 +929,12 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
     daemon.process.as_mut().unwrap().stop();
 
     // Fixed (the limit back to its default) and released with the daemon stopped: embedded.
-    let out = common::run_ok(daemon.env.command().args(["quarantine", "--release", &wide_id]));
+    let out = common::run_ok(
+        daemon
+            .env
+            .command()
+            .args(["quarantine", "--release", &wide_id]),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(&wide_id));
     assert_eq!(daemon.env.stats()["quarantined"], 0);
     daemon
@@ -765,11 +942,18 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
         .extra
         .retain(|(key, _)| key != "RSITRD__MODEL__MAX_ASPECT_RATIO");
     daemon.start();
-    wait_for(Duration::from_secs(60), "the released sample embedded", || {
-        let (_, status) = daemon.get("/v1/status");
-        status["index_points"] == points_without + 2 && status["samples"]["quarantined"] == 0
-    });
-    let (_, found) = daemon.post("/v1/search", &json!({"text": "a wide strip of farmland", "k": 40}));
+    wait_for(
+        Duration::from_secs(60),
+        "the released sample embedded",
+        || {
+            let (_, status) = daemon.get("/v1/status");
+            status["index_points"] == points_without + 2 && status["samples"]["quarantined"] == 0
+        },
+    );
+    let (_, found) = daemon.post(
+        "/v1/search",
+        &json!({"text": "a wide strip of farmland", "k": 40}),
+    );
     assert!(
         found["results"]
             .as_array()
@@ -791,7 +975,8 @@ fn crash_restarts_succeed_50_times_while_stats_polls_in_a_tight_loop() {
     let stop = Arc::new(AtomicBool::new(false));
     let (polls, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let poller = {
-        let (env, stop, polls, failures) = (env.clone(), stop.clone(), polls.clone(), failures.clone());
+        let (env, stop, polls, failures) =
+            (env.clone(), stop.clone(), polls.clone(), failures.clone());
         std::thread::spawn(move || {
             let mut last_error = String::new();
             while !stop.load(Ordering::SeqCst) {
@@ -810,12 +995,24 @@ fn crash_restarts_succeed_50_times_while_stats_polls_in_a_tight_loop() {
         let mut ingest = env.start(&log);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ingest.log_text().contains("watching the inbox") {
-            assert!(ingest.alive(), "start {round} failed:\n{}", ingest.log_text());
-            assert!(Instant::now() < deadline, "start {round} hangs:\n{}", ingest.log_text());
+            assert!(
+                ingest.alive(),
+                "start {round} failed:\n{}",
+                ingest.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "start {round} hangs:\n{}",
+                ingest.log_text()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         // Something committed, so that the kill leaves a ledger to recover.
-        std::fs::write(env.inbox.join(format!("s{round}.png")), common::ingest::synthetic_png(round, 8)).unwrap();
+        std::fs::write(
+            env.inbox.join(format!("s{round}.png")),
+            common::ingest::synthetic_png(round, 8),
+        )
+        .unwrap();
         std::fs::write(env.inbox.join(format!("s{round}.txt")), b"a tile").unwrap();
         std::thread::sleep(Duration::from_millis(50 + (round as u64 * 37) % 200));
         ingest.kill9();
@@ -824,7 +1021,11 @@ fn crash_restarts_succeed_50_times_while_stats_polls_in_a_tight_loop() {
     let last_error = poller.join().unwrap();
     let polls = polls.load(Ordering::SeqCst);
     assert!(polls >= 50, "stats ran {polls} times");
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "of {polls} stats runs; last: {last_error}");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "of {polls} stats runs; last: {last_error}"
+    );
 }
 
 /// VmHWM (peak resident set) of a process, in bytes.
@@ -839,13 +1040,19 @@ fn peak_rss(pid: u32) -> u64 {
 fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound() {
     // docs/operations.md: queries hold at most http.max_concurrent_encodes decoded images;
     // an 8-bit image takes 3 bytes per pixel (1 more of slack here), plus its body.
-    const ENCODES: u64 = 2;
+    // RSITRD_BENCH_ENCODES=8 runs the same burst with no effective admission limit, the
+    // baseline in docs/PERFORMANCE.md.
+    let encodes: u64 = std::env::var("RSITRD_BENCH_ENCODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     const MAX_PIXELS: u64 = 100_000_000;
     let temp = tempfile::tempdir().unwrap();
+    let permits = encodes.to_string();
     let mut daemon = Daemon::new(
         temp.path(),
         &[
-            ("RSITRD__HTTP__MAX_CONCURRENT_ENCODES", "2"),
+            ("RSITRD__HTTP__MAX_CONCURRENT_ENCODES", permits.as_str()),
             ("RSITRD__TRAINING__ENABLED", "false"),
             ("RSITRD__INBOX__ENABLED", "false"),
         ],
@@ -854,7 +1061,12 @@ fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound
     let largest = png_streamed(10_000, 10_000, |y| [(y % 256) as u8, 30, 60]);
     let body = json!({"image_b64": b64(&largest), "k": 3}).to_string();
     let pid = daemon.process.as_ref().unwrap().pid().unwrap();
-    assert_eq!(daemon.post("/v1/search", &json!({"text": "warm up", "k": 1})).0, 200);
+    assert_eq!(
+        daemon
+            .post("/v1/search", &json!({"text": "warm up", "k": 1}))
+            .0,
+        200
+    );
     let before = peak_rss(pid);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
     let replies: Vec<common::daemon::Reply> = std::thread::scope(|scope| {
@@ -863,7 +1075,12 @@ fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound
                 let (barrier, daemon, body) = (barrier.clone(), &daemon, &body);
                 scope.spawn(move || {
                     barrier.wait();
-                    daemon.raw("POST", "/v1/search", Some("application/json"), body.as_bytes())
+                    daemon.raw(
+                        "POST",
+                        "/v1/search",
+                        Some("application/json"),
+                        body.as_bytes(),
+                    )
                 })
             })
             .collect();
@@ -874,12 +1091,15 @@ fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound
         if reply.status != 200 {
             assert_eq!(reply.status, 503, "{reply:?}");
             assert_eq!(reply.retry_after.as_deref(), Some("1"), "{reply:?}");
-            assert!(reply.error().contains("max_concurrent_encodes"), "{reply:?}");
+            assert!(
+                reply.error().contains("max_concurrent_encodes"),
+                "{reply:?}"
+            );
         }
     }
     assert!(ok >= 1, "{replies:?}");
     let growth = peak_rss(pid).saturating_sub(before);
-    let bound = ENCODES * (4 * MAX_PIXELS + 3 * body.len() as u64) + (256 << 20);
+    let bound = encodes * (4 * MAX_PIXELS + 3 * body.len() as u64) + (256 << 20);
     eprintln!(
         "peak RSS growth under 8 concurrent 100-megapixel searches: {} MiB ({ok} answered, {} refused busy); bound {} MiB",
         growth >> 20,

@@ -202,3 +202,68 @@ fn cursor_replay_and_reopen() {
         assert!(store.get(id).unwrap().is_some());
     }
 }
+
+#[test]
+fn quarantined_samples_are_skipped_by_every_read_and_never_pin_a_cursor() {
+    let temp = tempfile::tempdir().unwrap();
+    let store = Store::open(temp.path(), POLICY).unwrap();
+    let ids: Vec<SampleId> = commit(
+        &store,
+        (0..3000).map(|i| sample(i, &["x"], "inbox")).collect(),
+    )
+    .iter()
+    .map(CommitOutcome::id)
+    .collect();
+    // Quarantine every sample but the last: a page of 10 must still move past all of them
+    // in bounded scans (at most 1024 entries per page) instead of stalling.
+    for id in &ids[..2999] {
+        store.quarantine(id, "embed", "unusable").unwrap();
+    }
+    assert!(
+        !store.quarantine(&ids[0], "train", "again").unwrap(),
+        "once"
+    );
+    assert_eq!(store.stats().unwrap().quarantined, 2999);
+    let (mut cursor, mut pages, mut seen) = (0, 0, Vec::new());
+    loop {
+        let page = store.page_since(cursor, 10).unwrap();
+        if page.next_cursor == cursor {
+            break;
+        }
+        assert!(page.next_cursor - cursor <= 1024);
+        cursor = page.next_cursor;
+        seen.extend(page.records.into_iter().map(|r| r.id));
+        pages += 1;
+    }
+    assert_eq!(seen, vec![ids[2999]]);
+    assert!((3..=4).contains(&pages), "{pages} pages");
+    assert_eq!(store.samples_in(None).unwrap().len(), 1);
+    let bound = store.stats().unwrap().last_seq;
+    assert!(
+        store
+            .replay_sample(SampleSplit::Train, bound, 100, 1)
+            .unwrap()
+            .len()
+            <= 1
+    );
+    let records = store.quarantined().unwrap();
+    assert_eq!(records.len(), 2999);
+    assert_eq!(
+        records.iter().find(|r| r.id == ids[0]).unwrap().stage,
+        "embed"
+    );
+
+    // Release gives each sample a new change number: a cursor at the end sees it again.
+    let released = store.release(Some(&[ids[5], SampleId([9; 32])])).unwrap();
+    assert_eq!(released, vec![ids[5]]);
+    let page = store.page_since(cursor, 10).unwrap();
+    assert_eq!(
+        page.records.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[5]]
+    );
+    assert_eq!(store.release(None).unwrap().len(), 2998);
+    assert_eq!(store.stats().unwrap().quarantined, 0);
+    assert_eq!(store.samples_in(None).unwrap().len(), 3000);
+    let reader = StoreReader::open(temp.path()).unwrap();
+    assert!(reader.quarantined().unwrap().is_empty());
+}

@@ -96,7 +96,10 @@ async fn read_body(body: Body, max: usize) -> Result<Bytes, ApiError> {
 
 /// Parses a JSON body strictly: `application/json`, valid UTF-8 JSON, the request's own
 /// fields with their types. An empty body is `None` (for routes whose body is optional).
-fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<Option<T>, ApiError> {
+fn parse_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Result<Option<T>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -118,7 +121,9 @@ fn parse_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<
 
 /// [`parse_json`] for routes that need a body.
 fn require_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
-    parse_json(headers, bytes)?.ok_or_else(|| ApiError::bad_request("the request body is empty: a JSON object is expected"))
+    parse_json(headers, bytes)?.ok_or_else(|| {
+        ApiError::bad_request("the request body is empty: a JSON object is expected")
+    })
 }
 
 type AppState<B> = Arc<Shared<B>>;
@@ -584,7 +589,10 @@ where
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
-    tracing::info!(released = released.len(), "quarantine released: samples are embedded again");
+    tracing::info!(
+        released = released.len(),
+        "quarantine released: samples are embedded again"
+    );
     crate::train::continual::report_quarantine(&shared2);
     Ok(Json(json!({"released": released})))
 }
@@ -604,6 +612,8 @@ async fn metrics<B: Backend>(State(shared): State<AppState<B>>) -> Response {
             handle.render(),
         )
             .into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
+        None => {
+            ApiError::new(StatusCode::NOT_FOUND, "metrics recorder not installed").into_response()
+        }
     }
 }

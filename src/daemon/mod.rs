@@ -702,7 +702,9 @@ fn trainer<B: Backend>(shared: &Shared<B>) {
             Ok(()) => {}
             // A shutdown, not a failure: nothing to page anyone about.
             Err(continual::ContinualError::Cancelled) => {
-                tracing::info!("training run cancelled by shutdown: it runs again after the restart");
+                tracing::info!(
+                    "training run cancelled by shutdown: it runs again after the restart"
+                );
             }
             Err(error) => {
                 tracing::error!(%error, "training run failed: it runs again at the next trigger");

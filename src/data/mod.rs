@@ -352,7 +352,12 @@ pub fn load_pixels(
         name: name.clone(),
         reason: error.to_string(),
     })?;
-    load_image(&bytes, &name, &ImageLimits::with_max_pixels(max_pixels), size)
+    load_image(
+        &bytes,
+        &name,
+        &ImageLimits::with_max_pixels(max_pixels),
+        size,
+    )
 }
 
 #[cfg(test)]

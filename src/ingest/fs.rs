@@ -462,7 +462,9 @@ impl Inbox {
             )),
             Err(ReadError::NotRegular) => Err(Rejection::new(
                 RejectKind::File,
-                format!("{label}: not a regular file (a symbolic link, a device or a pipe): move the file itself in"),
+                format!(
+                    "{label}: not a regular file (a symbolic link, a device or a pipe): move the file itself in"
+                ),
             )),
             Err(ReadError::Io(e)) => Err(Rejection::new(
                 RejectKind::File,
@@ -653,7 +655,11 @@ impl Inbox {
         for (path, identity) in paths.iter().zip(identities) {
             let to = destination(suffix, path);
             if let Err(error) = rename_or_copy(path, &to) {
-                failed.push((path.clone(), identity, format!("cannot move it to {}: {error}", to.display())));
+                failed.push((
+                    path.clone(),
+                    identity,
+                    format!("cannot move it to {}: {error}", to.display()),
+                ));
             }
         }
         for (path, identity, reason) in failed {

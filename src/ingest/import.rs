@@ -47,16 +47,17 @@ pub fn import_dataset(
             .par_iter()
             .map(|image| {
                 let name = image.filename.clone();
-                let checked = read_image_file(&dataset.path_of(image), &name, validator.max_image_bytes())
-                    .and_then(|bytes| {
-                        validator.validate(
-                            bytes,
-                            image.captions.clone(),
-                            metadata_of(image),
-                            &SOURCE.to_string(),
-                            &name,
-                        )
-                    });
+                let checked =
+                    read_image_file(&dataset.path_of(image), &name, validator.max_image_bytes())
+                        .and_then(|bytes| {
+                            validator.validate(
+                                bytes,
+                                image.captions.clone(),
+                                metadata_of(image),
+                                &SOURCE.to_string(),
+                                &name,
+                            )
+                        });
                 match checked {
                     Ok(sample) => StoreOp::Sample(sample),
                     Err(rejection) => {

@@ -132,7 +132,11 @@ pub enum ImageError {
 /// explodes). 16-bit and float images are scaled to 8 bits; gray is replicated to three
 /// channels; alpha is dropped. EXIF orientation is not applied (as CLIP's own preprocessing,
 /// which reads the pixels as stored).
-pub fn decode_image(bytes: &[u8], name: &str, limits: &ImageLimits) -> Result<RgbImage, ImageError> {
+pub fn decode_image(
+    bytes: &[u8],
+    name: &str,
+    limits: &ImageLimits,
+) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty { name: name.into() });
     }
@@ -292,7 +296,12 @@ mod tests {
     #[test]
     fn gray_and_16_bit_decode_to_rgb() {
         let gray = DynamicImage::ImageLuma8(image::GrayImage::from_pixel(4, 3, image::Luma([200])));
-        let rgb = decode_image(&png_bytes(&gray), "gray.png", &ImageLimits::with_max_pixels(100)).unwrap();
+        let rgb = decode_image(
+            &png_bytes(&gray),
+            "gray.png",
+            &ImageLimits::with_max_pixels(100),
+        )
+        .unwrap();
         assert_eq!(rgb.dimensions(), (4, 3));
         assert_eq!(rgb.get_pixel(1, 1).0, [200, 200, 200]);
 
@@ -301,7 +310,12 @@ mod tests {
             2,
             image::Rgb([65535u16, 0, 32896]),
         ));
-        let rgb = decode_image(&png_bytes(&deep), "deep.png", &ImageLimits::with_max_pixels(100)).unwrap();
+        let rgb = decode_image(
+            &png_bytes(&deep),
+            "deep.png",
+            &ImageLimits::with_max_pixels(100),
+        )
+        .unwrap();
         assert_eq!(rgb.get_pixel(0, 0).0, [255, 0, 128]);
     }
 
@@ -309,17 +323,28 @@ mod tests {
     fn refuses_bad_input_with_the_name() {
         let error = decode_image(b"", "zero.jpg", &ImageLimits::with_max_pixels(100)).unwrap_err();
         assert!(error.to_string().contains("zero.jpg"));
-        let error = decode_image(b"hello, not an image", "text.jpg", &ImageLimits::with_max_pixels(100)).unwrap_err();
+        let error = decode_image(
+            b"hello, not an image",
+            "text.jpg",
+            &ImageLimits::with_max_pixels(100),
+        )
+        .unwrap_err();
         assert!(matches!(error, ImageError::UnknownFormat { .. }), "{error}");
         let big = DynamicImage::ImageRgb8(RgbImage::new(20, 10));
-        let error = decode_image(&png_bytes(&big), "big.png", &ImageLimits::with_max_pixels(199)).unwrap_err();
+        let error = decode_image(
+            &png_bytes(&big),
+            "big.png",
+            &ImageLimits::with_max_pixels(199),
+        )
+        .unwrap_err();
         assert!(
             matches!(error, ImageError::TooLarge { pixels: 200, .. }),
             "{error}"
         );
         let mut truncated = png_bytes(&big);
         truncated.truncate(truncated.len() / 2);
-        let error = decode_image(&truncated, "cut.png", &ImageLimits::with_max_pixels(1000)).unwrap_err();
+        let error =
+            decode_image(&truncated, "cut.png", &ImageLimits::with_max_pixels(1000)).unwrap_err();
         assert!(matches!(error, ImageError::Decode { .. }), "{error}");
     }
 
@@ -397,7 +422,11 @@ mod tests {
         // around x = 200, half red and half blue, and the result is the same as resizing
         // that square alone.
         let image = RgbImage::from_fn(400, 20, |x, _| {
-            if x < 200 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) }
+            if x < 200 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
         });
         let ours = preprocess(&image, "strip.png", 8).unwrap();
         let square = image::imageops::crop_imm(&image, 190, 0, 20, 20).to_image();

@@ -22,8 +22,7 @@ use rand::SeedableRng;
 use rand::seq::index;
 use redb::{
     Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata,
-    TableDefinition,
+    ReadableTableMetadata, TableDefinition,
 };
 use serde::{Deserialize, Serialize};
 
@@ -671,12 +670,15 @@ impl Store {
         };
         // `limit` bounds the records decoded; scanned quarantined entries are bounded too, so
         // a page is bounded work whatever the quarantine holds.
-        let mut scanned = 0usize;
-        for entry in by_seq.range(cursor + 1..).map_err(ledger_error)? {
-            if page.records.len() >= limit || scanned >= limit.saturating_mul(4).max(1024) {
+        let max_scanned = limit.saturating_mul(4).max(1024);
+        for (scanned, entry) in by_seq
+            .range(cursor + 1..)
+            .map_err(ledger_error)?
+            .enumerate()
+        {
+            if page.records.len() >= limit || scanned >= max_scanned {
                 break;
             }
-            scanned += 1;
             let (seq, id) = entry.map_err(ledger_error)?;
             let id = SampleId(id.value());
             page.next_cursor = seq.value();

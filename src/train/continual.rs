@@ -61,7 +61,10 @@ pub fn sample_pixels(
     let bytes = match store.read_image(&record.id) {
         Ok(bytes) => bytes,
         Err(StoreError::Io { path, error }) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(unusable(format!("image blob {} is missing", path.display())));
+            return Err(unusable(format!(
+                "image blob {} is missing",
+                path.display()
+            )));
         }
         Err(error) => return Err(error.into()),
     };

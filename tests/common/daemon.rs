@@ -154,7 +154,6 @@ pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-
 /// A whole HTTP answer.
 #[derive(Debug)]
 pub struct Reply {

@@ -14,10 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, b64};
-use common::ingest::{TestEnv, cleanup, drain, unique, wait_for};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use rsitrd::config::AmqpSection;
-use rsitrd::ingest::amqp::{declare_topology, encode_message, message_properties};
+use common::ingest::{TestEnv, cleanup, drain, publish, runtime, unique, wait_for};
+use rsitrd::ingest::amqp::encode_message;
 use serde_json::{Value, json};
 
 /// One input and what must become of it.
@@ -253,52 +251,6 @@ fn image_cases() -> Vec<Case> {
 
 fn caption_of(case: &Case) -> String {
     format!("a hostile test image called {}", case.name)
-}
-
-fn amqp_section(queue: &str) -> AmqpSection {
-    AmqpSection {
-        enabled: true,
-        uri: common::ingest::amqp_uri(),
-        queue: queue.into(),
-        ..AmqpSection::default()
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Publishes raw bodies with publisher confirms.
-async fn publish(queue: &str, messages: &[(String, Vec<u8>)]) {
-    let connection = common::ingest::broker().await;
-    let channel = connection.create_channel().await.unwrap();
-    declare_topology(&channel, &amqp_section(queue))
-        .await
-        .unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for (id, body) in messages {
-        let properties = message_properties(id).with_content_type("application/json".into());
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack(), "broker confirmed {id}");
-    }
 }
 
 /// Sends a raw HTTP/1.1 request (head, then as much of `body` as the server takes) and reads
@@ -698,6 +650,10 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
         })
         .collect();
     messages.push(("bad-utf8".into(), b"{\"image_b64\": \"\xff\"}".to_vec()));
+    let messages: Vec<(String, Vec<u8>, Option<&str>)> = messages
+        .into_iter()
+        .map(|(id, body)| (id, body, Some("application/json")))
+        .collect();
     rt.block_on(publish(&queue, &messages));
     let connection = rt.block_on(common::ingest::broker());
     let dead_queue = format!("{queue}.dead");

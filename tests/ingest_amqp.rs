@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::ingest::{
-    TestEnv, cleanup, drain, queue_len, rabbitmqctl, synthetic_png, unique, wait_for,
+    TestEnv, cleanup, drain, publish, queue_len, rabbitmqctl, runtime, synthetic_png, unique,
+    wait_for,
 };
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use rand::Rng;
-use rsitrd::config::AmqpSection;
-use rsitrd::ingest::amqp::{declare_topology, encode_message, message_properties};
+use rsitrd::ingest::amqp::encode_message;
 use serde_json::json;
 
 /// (id, body, content type, expected reject kind, words the reason must contain)
@@ -25,55 +24,6 @@ type BadMessage = (
     &'static str,
     &'static str,
 );
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn amqp_section(queue: &str) -> AmqpSection {
-    AmqpSection {
-        enabled: true,
-        uri: common::ingest::amqp_uri(),
-        queue: queue.into(),
-        ..AmqpSection::default()
-    }
-}
-
-/// Publishes raw bodies (content type per message) with publisher confirms.
-async fn publish(queue: &str, messages: &[(String, Vec<u8>, Option<&str>)]) {
-    let connection = common::ingest::broker().await;
-    let channel = connection.create_channel().await.unwrap();
-    declare_topology(&channel, &amqp_section(queue))
-        .await
-        .unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    for (id, body, content_type) in messages {
-        let mut properties = message_properties(id);
-        if let Some(content_type) = content_type {
-            properties = properties.with_content_type((*content_type).into());
-        }
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack(), "broker confirmed {id}");
-    }
-}
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)

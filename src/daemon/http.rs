@@ -119,6 +119,22 @@ fn parse_json<T: DeserializeOwned>(
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
+/// A strictly parsed JSON body ([`parse_json`]; `None` when empty), read within the body
+/// limit, refused as JSON errors: the extractor of routes that are not admission-controlled.
+struct JsonBody<T>(Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let headers = request.headers().clone();
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+        Ok(Self(parse_json(&headers, &bytes)?))
+    }
+}
+
 /// [`parse_json`] for routes that need a body.
 fn require_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
     parse_json(headers, bytes)?.ok_or_else(|| {
@@ -498,13 +514,10 @@ struct TrainRequest {}
 
 async fn train<B: Backend>(
     State(shared): State<AppState<B>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
-    let _: Option<TrainRequest> = parse_json(&headers, &bytes)?;
+    _: JsonBody<TrainRequest>,
+) -> (StatusCode, Json<serde_json::Value>) {
     shared.update_state(|state| state.train_requested = true);
-    Ok((StatusCode::ACCEPTED, Json(json!({"requested": true}))))
+    (StatusCode::ACCEPTED, Json(json!({"requested": true})))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -516,14 +529,11 @@ struct RollbackRequest {
 
 async fn rollback<B: Backend>(
     State(shared): State<AppState<B>>,
-    headers: HeaderMap,
-    body: Body,
+    JsonBody(request): JsonBody<RollbackRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
     B::Device: Send + Sync,
 {
-    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
-    let request: Option<RollbackRequest> = parse_json(&headers, &bytes)?;
     let to = request.and_then(|r| r.to);
     let version = tokio::task::spawn_blocking(move || super::rollback(&shared, to))
         .await
@@ -557,14 +567,14 @@ pub struct ReleaseRequest {
 
 async fn quarantine_release<B: Backend>(
     State(shared): State<AppState<B>>,
-    headers: HeaderMap,
-    body: Body,
+    JsonBody(request): JsonBody<ReleaseRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
     B::Device: Send + Sync,
 {
-    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
-    let request: ReleaseRequest = require_json(&headers, &bytes)?;
+    let request = request.ok_or_else(|| {
+        ApiError::bad_request("the request body is empty: a JSON object is expected")
+    })?;
     let ids = match (request.all, request.ids.is_empty()) {
         (true, true) => None,
         (false, false) => Some(

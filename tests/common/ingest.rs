@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
+use rsitrd::config::AmqpSection;
+use rsitrd::ingest::amqp::{declare_topology, message_properties};
 
 /// The broker the tests talk to (RabbitMQ on this machine; `.ci/run` starts it).
 pub fn amqp_uri() -> String {
@@ -282,4 +287,54 @@ pub async fn cleanup(connection: &Connection, queue: &str) {
             lapin::options::ExchangeDeleteOptions::default(),
         )
         .await;
+}
+
+/// A small runtime for test-side broker work.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn amqp_section(queue: &str) -> AmqpSection {
+    AmqpSection {
+        enabled: true,
+        uri: amqp_uri(),
+        queue: queue.into(),
+        ..AmqpSection::default()
+    }
+}
+
+/// Publishes raw bodies (content type per message) with publisher confirms.
+pub async fn publish(queue: &str, messages: &[(String, Vec<u8>, Option<&str>)]) {
+    let connection = broker().await;
+    let channel = connection.create_channel().await.unwrap();
+    declare_topology(&channel, &amqp_section(queue))
+        .await
+        .unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for (id, body, content_type) in messages {
+        let mut properties = message_properties(id);
+        if let Some(content_type) = content_type {
+            properties = properties.with_content_type((*content_type).into());
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "broker confirmed {id}");
+    }
 }

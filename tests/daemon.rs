@@ -317,12 +317,7 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     let (_, found) = daemon.post("/v1/search", &json!({"text": "a football field", "k": 3}));
     assert_eq!(found["adapter_version"], 0);
 
-    let metrics = ureq::get(&format!("{}/metrics", daemon.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = daemon.metrics();
     assert!(metrics.contains("rsitrd_http_requests_total"), "{metrics}");
     assert!(metrics.contains("rsitrd_promotions_total"));
     assert!(metrics.contains("rsitrd_embedded_samples_total"));

@@ -783,6 +783,16 @@ fn rs_mini_with_a_wide_image(root: &Path) -> (PathBuf, PathBuf, String) {
     (dataset, images, id)
 }
 
+/// Whether a text search for `text` (k = 40, the whole test corpus) returns sample `id`.
+fn finds(daemon: &Daemon, text: &str, id: &str) -> bool {
+    let (_, found) = daemon.post("/v1/search", &json!({"text": text, "k": 40}));
+    found["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|hit| hit["sample_id"] == id)
+}
+
 fn log_count(daemon: &Daemon, words: &str) -> usize {
     std::fs::read_to_string(&daemon.log)
         .unwrap()
@@ -840,29 +850,14 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
     );
     let stats = daemon.env.stats();
     assert_eq!(stats["quarantined"], 1, "{stats}");
-    let metrics = ureq::get(&format!("{}/metrics", daemon.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = daemon.metrics();
     assert!(
         metrics.contains("rsitrd_quarantined_samples 1"),
         "{metrics}"
     );
     let (_, status) = daemon.get("/v1/status");
     let points_without = status["index_points"].as_u64().unwrap();
-    let (_, found) = daemon.post(
-        "/v1/search",
-        &json!({"text": "a wide strip of farmland", "k": 40}),
-    );
-    assert!(
-        found["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|hit| hit["sample_id"] != wide_id.as_str())
-    );
+    assert!(!finds(&daemon, "a wide strip of farmland", &wide_id));
 
     // Training, the gate and the promotion's re-embed all go past it.
     assert_eq!(daemon.post("/v1/train", &json!({})).0, 202);
@@ -906,17 +901,7 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
             status["index_points"] == points_without + 2 && status["samples"]["quarantined"] == 0
         },
     );
-    let (_, found) = daemon.post(
-        "/v1/search",
-        &json!({"text": "a wide strip of farmland", "k": 40}),
-    );
-    assert!(
-        found["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|hit| hit["sample_id"] == wide_id.as_str())
-    );
+    assert!(finds(&daemon, "a wide strip of farmland", &wide_id));
     daemon.process.as_mut().unwrap().stop();
 }
 

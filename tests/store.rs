@@ -121,19 +121,22 @@ fn cursor_replay_and_reopen() {
         );
         ids = outcomes.iter().map(CommitOutcome::id).collect();
         // Cursor pages in arrival order.
-        let first = store.samples_since(0, 15).unwrap();
-        let rest = store.samples_since(first.last().unwrap().seq, 100).unwrap();
+        let first = store.page_since(0, 15).unwrap().records;
+        let rest = store
+            .page_since(first.last().unwrap().seq, 100)
+            .unwrap()
+            .records;
         let seen: Vec<SampleId> = first.iter().chain(&rest).map(|r| r.id).collect();
         assert_eq!(seen, ids);
         let cursor = rest.last().unwrap().seq;
-        assert!(store.samples_since(cursor, 10).unwrap().is_empty());
+        assert!(store.page_since(cursor, 10).unwrap().records.is_empty());
         // A merge moves the sample past the cursor, once.
         commit(&store, vec![sample(105, &["new caption"], "import")]);
-        let changed = store.samples_since(cursor, 10).unwrap();
+        let changed = store.page_since(cursor, 10).unwrap().records;
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].id, ids[5]);
         assert_eq!(
-            store.samples_since(0, 100).unwrap().len(),
+            store.page_since(0, 100).unwrap().records.len(),
             40,
             "each sample listed once"
         );

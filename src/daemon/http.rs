@@ -119,27 +119,26 @@ fn parse_json<T: DeserializeOwned>(
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-/// A strictly parsed JSON body ([`parse_json`]; `None` when empty), read within the body
-/// limit, refused as JSON errors: the extractor of routes that are not admission-controlled.
-struct JsonBody<T>(Option<T>);
-
-impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let headers = request.headers().clone();
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
-        Ok(Self(parse_json(&headers, &bytes)?))
-    }
-}
-
-/// [`parse_json`] for routes that need a body.
-fn require_json<T: DeserializeOwned>(headers: &HeaderMap, bytes: &[u8]) -> Result<T, ApiError> {
-    parse_json(headers, bytes)?.ok_or_else(|| {
+/// A body a route needs: an empty one is refused.
+fn required<T>(body: Option<T>) -> Result<T, ApiError> {
+    body.ok_or_else(|| {
         ApiError::bad_request("the request body is empty: a JSON object is expected")
     })
+}
+
+/// A strictly parsed JSON body ([`parse_json`]; `None` when empty), read with [`read_body`]:
+/// the extractor of routes that are not admission-controlled (search and embed read theirs
+/// only once admitted).
+struct JsonBody<T>(Option<T>);
+
+impl<T: DeserializeOwned, B: Backend> axum::extract::FromRequest<AppState<B>> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, shared: &AppState<B>) -> Result<Self, ApiError> {
+        let (parts, body) = request.into_parts();
+        let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
+        Ok(Self(parse_json(&parts.headers, &bytes)?))
+    }
 }
 
 type AppState<B> = Arc<Shared<B>>;
@@ -297,16 +296,34 @@ struct SearchRequest {
     filter: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Admits one encode, or answers 503 with `Retry-After` when `http.max_concurrent_encodes`
-/// are running: a burst is refused at once instead of queueing work and memory.
-fn admit<B: Backend>(shared: &Shared<B>) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    shared.encodes.clone().try_acquire_owned().map_err(|_| {
+/// Admits one encode and reads its JSON body, or answers 503 with `Retry-After` when
+/// `http.max_concurrent_encodes` are running: a burst is refused at once instead of queueing
+/// work and memory. A refused body is read and thrown away chunk by chunk (never held, at
+/// most `http.max_body_bytes`): a server that closed on an unread body would reset the
+/// connection under a client still sending, and it would never see the 503.
+async fn admitted<B: Backend, T: DeserializeOwned>(
+    shared: &Shared<B>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(tokio::sync::OwnedSemaphorePermit, T), ApiError> {
+    let max = shared.config.http.max_body_bytes;
+    let Ok(permit) = shared.encodes.clone().try_acquire_owned() else {
         metrics::counter!("rsitrd_http_busy_total").increment(1);
-        ApiError::busy(format!(
+        let mut chunks = body.into_data_stream();
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = futures_lite::StreamExt::next(&mut chunks).await {
+            seen = seen.saturating_add(chunk.len());
+            if seen > max {
+                break;
+            }
+        }
+        return Err(ApiError::busy(format!(
             "{} queries are being encoded (http.max_concurrent_encodes): try again shortly",
             shared.config.http.max_concurrent_encodes
-        ))
-    })
+        )));
+    };
+    let bytes = read_body(body, max).await?;
+    Ok((permit, required(parse_json(headers, &bytes)?)?))
 }
 
 async fn search<B: Backend>(
@@ -317,11 +334,8 @@ async fn search<B: Backend>(
 where
     B::Device: Send + Sync,
 {
-    // Admission first: only admitted requests read their body.
-    let permit = admit(&shared)?;
-    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
-    let request: SearchRequest = require_json(&headers, &bytes)?;
-    drop(bytes);
+    // Admission first: only admitted requests keep their body.
+    let (permit, request): (_, SearchRequest) = admitted(&shared, &headers, body).await?;
     let max_k = shared.config.http.max_k;
     if request.k == 0 || request.k > max_k {
         return Err(ApiError::bad_request(format!(
@@ -428,10 +442,7 @@ async fn embed<B: Backend>(
 where
     B::Device: Send + Sync,
 {
-    let permit = admit(&shared)?;
-    let bytes = read_body(body, shared.config.http.max_body_bytes).await?;
-    let request: EmbedRequest = require_json(&headers, &bytes)?;
-    drop(bytes);
+    let (permit, request): (_, EmbedRequest) = admitted(&shared, &headers, body).await?;
     if request.texts.is_empty() && request.images_b64.is_empty() {
         return Err(ApiError::bad_request("give `texts` and/or `images_b64`"));
     }
@@ -485,8 +496,8 @@ where
         let backlog = stats.last_seq.saturating_sub(state.embed_cursor);
         let backlog_samples = shared
             .store
-            .samples_since(state.embed_cursor, 100_000)
-            .map(|s| s.len())
+            .page_since(state.embed_cursor, 100_000)
+            .map(|page| page.records.len())
             .unwrap_or(backlog as usize);
         let last_run = shared.last_run.lock().expect("run lock").clone();
         Ok(json!({
@@ -572,9 +583,7 @@ async fn quarantine_release<B: Backend>(
 where
     B::Device: Send + Sync,
 {
-    let request = request.ok_or_else(|| {
-        ApiError::bad_request("the request body is empty: a JSON object is expected")
-    })?;
+    let request = required(request)?;
     let ids = match (request.all, request.ids.is_empty()) {
         (true, true) => None,
         (false, false) => Some(
@@ -594,16 +603,18 @@ where
             ));
         }
     };
-    let shared2 = shared.store.clone();
-    let released = tokio::task::spawn_blocking(move || shared.store.release(ids.as_deref()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let released = tokio::task::spawn_blocking(move || {
+        let released = shared.store.release(ids.as_deref())?;
+        crate::train::continual::report_quarantine(&shared.store);
+        Ok::<_, crate::store::StoreError>(released)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
     tracing::info!(
         released = released.len(),
         "quarantine released: samples are embedded again"
     );
-    crate::train::continual::report_quarantine(&shared2);
     Ok(Json(json!({"released": released})))
 }
 

@@ -355,34 +355,27 @@ where
     result
 }
 
-/// Embeds records with `embedder` into index points of `version`. A record that cannot be
-/// used (deterministically) is quarantined under `stage` and left out; a transient failure
-/// (disk) fails the batch, which is retried.
+/// Embeds records with `embedder` into index points of `version`; returns the points and
+/// how many samples they hold. A record that cannot be used (deterministically) is
+/// quarantined under `stage` and left out; a transient failure (disk) fails the batch, which
+/// is retried.
 fn embed_records<B: Backend>(
     shared: &Shared<B>,
     embedder: &Embedder<B>,
     version: u64,
     records: &[SampleRecord],
     stage: &str,
-) -> Result<Vec<crate::index::IndexPoint>, continual::ContinualError> {
-    let size = embedder.image_size();
+) -> Result<(Vec<crate::index::IndexPoint>, usize), continual::ContinualError> {
     let limits = shared.config.image_limits();
-    let mut pixels = Vec::with_capacity(records.len());
-    let mut usable = Vec::with_capacity(records.len());
-    for record in records {
-        match continual::sample_pixels(&shared.store, record, size, &limits) {
-            Ok(sample) => {
-                pixels.push(sample);
-                usable.push(record);
-            }
-            Err(continual::ContinualError::Unusable { id, reason }) => {
-                continual::quarantine(&shared.store, &id, stage, &reason)?;
-            }
-            Err(error) => return Err(error),
-        }
-    }
+    let (pixels, usable) = continual::usable_pixels(
+        &shared.store,
+        records,
+        embedder.image_size(),
+        &limits,
+        stage,
+    )?;
     if usable.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
     let images = embedder.embed_pixels(&refs);
@@ -392,11 +385,12 @@ fn embed_records<B: Backend>(
         .collect();
     let mut texts = embedder.embed_texts(&captions).into_iter();
     let mut points = Vec::new();
+    let embedded = usable.len();
     for (record, image) in usable.into_iter().zip(images) {
         let caption_vectors: Vec<Vec<f32>> = texts.by_ref().take(record.captions.len()).collect();
         points.extend(sample_points(record, version, image, caption_vectors));
     }
-    Ok(points)
+    Ok((points, embedded))
 }
 
 /// Keeps the live index fresh and carries out promotions (re-embed, then switch).
@@ -525,11 +519,12 @@ fn fresh_batch<B: Backend>(shared: &Shared<B>) -> Result<bool, WorkerError> {
     );
     let live = shared.live.load_full();
     let started = Instant::now();
-    let points = embed_records(shared, &live.embedder, live.version, &records, "embed")?;
+    let (points, embedded) =
+        embed_records(shared, &live.embedder, live.version, &records, "embed")?;
     if !points.is_empty() {
         shared.index.upsert(live.version, points)?;
     }
-    metrics::counter!("rsitrd_embedded_samples_total").increment(records.len() as u64);
+    metrics::counter!("rsitrd_embedded_samples_total").increment(embedded as u64);
     metrics::histogram!("rsitrd_embed_batch_seconds").record(started.elapsed().as_secs_f64());
     shared.update_state(|state| {
         // The live version may have switched meanwhile: then the switch set the cursor.
@@ -541,7 +536,7 @@ fn fresh_batch<B: Backend>(shared: &Shared<B>) -> Result<bool, WorkerError> {
         }
     });
     tracing::debug!(
-        samples = records.len(),
+        samples = embedded,
         version = live.version,
         "embedded new samples"
     );
@@ -560,7 +555,7 @@ fn reindex_chunk<B: Backend>(
     if page.next_cursor == job.cursor {
         return Ok(true);
     }
-    let points = embed_records(shared, embedder, job.version, &page.records, "reindex")?;
+    let (points, _) = embed_records(shared, embedder, job.version, &page.records, "reindex")?;
     if !points.is_empty() {
         shared.index.upsert(job.version, points)?;
     }
@@ -748,6 +743,7 @@ fn training_run<B: Backend>(
     let version = state.next_version;
     let parent = state.live;
     let parent_record = state.versions.get(&parent).cloned();
+    let limits = config.image_limits();
     let seed = config.training.seed.wrapping_add(version);
     let replay_count = (new.len() as f64 * config.training.replay_ratio).round() as usize;
     let replay =
@@ -775,7 +771,7 @@ fn training_run<B: Backend>(
         &shared.store,
         &config.training,
         seed,
-        &config.image_limits(),
+        &limits,
         config.model.embed_batch_size,
         &shared.device,
         &shared.cancel,
@@ -805,14 +801,14 @@ fn training_run<B: Backend>(
             &live.embedder,
             &shared.store,
             &val,
-            &config.image_limits(),
+            &limits,
             &shared.cancel,
         )?;
         let candidate_metrics = continual::evaluate_on_store(
             &candidate.embedder,
             &shared.store,
             &val,
-            &config.image_limits(),
+            &limits,
             &shared.cancel,
         )?;
         let promote = candidate_metrics.mr >= live_metrics.mr - config.gate.mr_tolerance;

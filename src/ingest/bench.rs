@@ -255,8 +255,9 @@ pub fn run_ingest_bench(
             let mut cursor = cursor;
             let mut latencies = Vec::new();
             while latencies.len() < latency_messages && !done.load(Ordering::SeqCst) {
-                for record in store.samples_since(cursor, 1000)? {
-                    cursor = record.seq;
+                let page = store.page_since(cursor, 1000)?;
+                cursor = page.next_cursor;
+                for record in page.records {
                     let now = Instant::now();
                     let id = record.source_ref.clone();
                     if let Some(at) = sent.lock().expect("lock").get(&id) {

@@ -22,8 +22,9 @@ use rayon::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    IMAGE_EXTENSIONS, MAX_CAPTION_FILE_BYTES, RejectKind, Rejection, Validator, extension_of,
-    parse_caption_json, parse_caption_txt, report_reject, report_stored,
+    IMAGE_EXTENSIONS, Links, MAX_CAPTION_FILE_BYTES, ReadError, RejectKind, Rejection, Validator,
+    extension_of, open_regular, parse_caption_json, parse_caption_txt, read_regular, report_reject,
+    report_stored,
 };
 use crate::config::{InboxSection, OnSuccess};
 use crate::store::writer::StoreWriter;
@@ -454,22 +455,8 @@ impl Inbox {
                 ),
             ));
         }
-        let read = |path: &Path, label: &str, limit: u64| match read_regular_file(path, limit) {
-            Ok(bytes) => Ok(bytes),
-            Err(ReadError::TooLarge) => Err(Rejection::new(
-                RejectKind::TooLarge,
-                format!("{label}: grew beyond {limit} bytes while being read"),
-            )),
-            Err(ReadError::NotRegular) => Err(Rejection::new(
-                RejectKind::File,
-                format!(
-                    "{label}: not a regular file (a symbolic link, a device or a pipe): move the file itself in"
-                ),
-            )),
-            Err(ReadError::Io(e)) => Err(Rejection::new(
-                RejectKind::File,
-                format!("{label}: cannot read: {e}"),
-            )),
+        let read = |path: &Path, label: &str, limit: u64| {
+            read_regular(path, limit, Links::Refuse).map_err(|e| e.rejection(label, limit))
         };
         let text_bytes = read(&text.path, &text_name, MAX_CAPTION_FILE_BYTES)?;
         let (captions, metadata) = match text.role {
@@ -733,52 +720,6 @@ fn is_temporary(file_name: &str) -> bool {
             .any(|suffix| file_name.to_ascii_lowercase().ends_with(suffix))
 }
 
-/// Why [`read_regular_file`] read nothing.
-#[derive(Debug)]
-enum ReadError {
-    /// A symbolic link, directory, device or pipe: never read through it.
-    NotRegular,
-    /// More bytes than the limit checked before.
-    TooLarge,
-    Io(std::io::Error),
-}
-
-/// Opens `path` without following a symbolic link (`O_NOFOLLOW`) or blocking on a pipe
-/// (`O_NONBLOCK`), checks on the open file that it is a regular file, and reads at most
-/// `limit` bytes: a file swapped for a link or grown after the scan is refused, not read.
-fn open_regular(path: &Path) -> Result<std::fs::File, ReadError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|error| {
-            if error.raw_os_error() == Some(libc::ELOOP) {
-                ReadError::NotRegular
-            } else {
-                ReadError::Io(error)
-            }
-        })?;
-    let metadata = file.metadata().map_err(ReadError::Io)?;
-    if !metadata.is_file() {
-        return Err(ReadError::NotRegular);
-    }
-    Ok(file)
-}
-
-fn read_regular_file(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
-    use std::io::Read;
-    let file = open_regular(path)?;
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(ReadError::Io)?;
-    if bytes.len() as u64 > limit {
-        return Err(ReadError::TooLarge);
-    }
-    Ok(bytes)
-}
-
 /// Moves `from` to `to` without ever following a symbolic link: a rename moves the link
 /// itself; across filesystems a link is re-created (pointing where it pointed, its target
 /// never opened) and a regular file is copied through a no-follow handle into a new file.
@@ -790,10 +731,11 @@ fn rename_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
             if metadata.file_type().is_symlink() {
                 std::os::unix::fs::symlink(std::fs::read_link(from)?, to)?;
             } else {
-                let mut source = open_regular(from).map_err(|error| match error {
-                    ReadError::Io(error) => error,
-                    _ => std::io::Error::other("not a regular file: not copied"),
-                })?;
+                let mut source =
+                    open_regular(from, Links::Refuse).map_err(|error| match error {
+                        ReadError::Io(error) => error,
+                        _ => std::io::Error::other("not a regular file: not copied"),
+                    })?;
                 // `create_new` never writes through a link planted at the destination.
                 let mut target = std::fs::OpenOptions::new()
                     .write(true)

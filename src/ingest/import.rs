@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::amqp::{AmqpError, Outgoing, encode_message};
-use super::{Rejection, Validator, report_reject};
+use super::{Links, Validator, read_regular, report_reject};
 use crate::data::{Dataset, DatasetImage};
 use crate::store::{CommitOutcome, OpOutcome, SampleId, Store, StoreError, StoreOp};
 
@@ -47,17 +47,20 @@ pub fn import_dataset(
             .par_iter()
             .map(|image| {
                 let name = image.filename.clone();
-                let checked =
-                    read_image_file(&dataset.path_of(image), &name, validator.max_image_bytes())
-                        .and_then(|bytes| {
-                            validator.validate(
-                                bytes,
-                                image.captions.clone(),
-                                metadata_of(image),
-                                &SOURCE.to_string(),
-                                &name,
-                            )
-                        });
+                // Links are followed (the operator chose the dataset); devices, pipes and
+                // files larger than the limit are not read.
+                let limit = validator.max_image_bytes();
+                let checked = read_regular(&dataset.path_of(image), limit, Links::Follow)
+                    .map_err(|e| e.rejection(&name, limit))
+                    .and_then(|bytes| {
+                        validator.validate(
+                            bytes,
+                            image.captions.clone(),
+                            metadata_of(image),
+                            &SOURCE.to_string(),
+                            &name,
+                        )
+                    });
                 match checked {
                     Ok(sample) => StoreOp::Sample(sample),
                     Err(rejection) => {
@@ -82,34 +85,6 @@ pub fn import_dataset(
         progress(summary.images);
     }
     Ok(summary)
-}
-
-/// Reads a dataset image: a regular file (links are followed: the operator chose the
-/// dataset), at most `limit` bytes read whatever its size says (a device or a file still
-/// growing cannot make it read more).
-fn read_image_file(path: &std::path::Path, name: &str, limit: u64) -> Result<Vec<u8>, Rejection> {
-    use std::io::Read;
-    let cannot = |e: std::io::Error| {
-        Rejection::new(super::RejectKind::File, format!("{name}: cannot read: {e}"))
-    };
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    if !file.metadata().map_err(cannot)?.is_file() {
-        return Err(Rejection::new(
-            super::RejectKind::File,
-            format!("{name}: not a regular file"),
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(cannot)?;
-    if bytes.len() as u64 > limit {
-        return Err(Rejection::new(
-            super::RejectKind::TooLarge,
-            format!("{name}: image is more than ingest.max_image_bytes ({limit}) bytes"),
-        ));
-    }
-    Ok(bytes)
 }
 
 /// The dataset as queue messages (read lazily, one image at a time).

@@ -282,6 +282,82 @@ impl Validator {
     }
 }
 
+/// Whether [`read_regular`] may follow a symbolic link: never in the inbox (anyone who can
+/// write there could point it anywhere); yes for a dataset the operator chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Links {
+    Refuse,
+    Follow,
+}
+
+/// Why [`read_regular`] read nothing.
+#[derive(Debug)]
+pub enum ReadError {
+    /// A symbolic link (with [`Links::Refuse`]), directory, device or pipe.
+    NotRegular,
+    /// More bytes than the limit.
+    TooLarge,
+    Io(std::io::Error),
+}
+
+impl ReadError {
+    /// The reject of an input `label` that could not be read within `limit` bytes.
+    pub fn rejection(self, label: &str, limit: u64) -> Rejection {
+        match self {
+            Self::TooLarge => Rejection::new(
+                RejectKind::TooLarge,
+                format!("{label}: more than {limit} bytes when read"),
+            ),
+            Self::NotRegular => Rejection::new(
+                RejectKind::File,
+                format!("{label}: not a regular file (a symbolic link, a device or a pipe)"),
+            ),
+            Self::Io(e) => Rejection::new(RejectKind::File, format!("{label}: cannot read: {e}")),
+        }
+    }
+}
+
+/// Opens `path` for reading without blocking on a pipe (`O_NONBLOCK`) and, with
+/// [`Links::Refuse`], without following a symbolic link (`O_NOFOLLOW`); checks on the open
+/// handle that it is a regular file, so a file swapped for a link or a device after a scan is
+/// refused, not read.
+pub fn open_regular(path: &Path, links: Links) -> Result<std::fs::File, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = match links {
+        Links::Refuse => libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        Links::Follow => libc::O_NONBLOCK,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|error| {
+            if error.raw_os_error() == Some(libc::ELOOP) {
+                ReadError::NotRegular
+            } else {
+                ReadError::Io(error)
+            }
+        })?;
+    if !file.metadata().map_err(ReadError::Io)?.is_file() {
+        return Err(ReadError::NotRegular);
+    }
+    Ok(file)
+}
+
+/// Reads a regular file ([`open_regular`]), at most `limit` bytes whatever its size says.
+pub fn read_regular(path: &Path, limit: u64, links: Links) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let file = open_regular(path, links)?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(bytes)
+}
+
 /// Captions of `NAME.txt`: UTF-8, one per line; blank lines are skipped.
 pub fn parse_caption_txt(bytes: &[u8], name: &str) -> Result<Vec<String>, Rejection> {
     let text = std::str::from_utf8(bytes).map_err(|e| {

@@ -329,7 +329,7 @@ pub struct Stats {
     pub by_source: BTreeMap<String, u64>,
     /// Rejects by kind (`image`, `captions`, `message`, …).
     pub rejected_by_kind: BTreeMap<String, u64>,
-    /// Latest change sequence number (a cursor for [`Store::samples_since`]).
+    /// Latest change sequence number (a cursor for [`Store::page_since`]).
     pub last_seq: u64,
     /// Stored samples in quarantine (skipped by embedding and training).
     #[serde(default)]
@@ -504,15 +504,11 @@ impl Store {
                                     }
                                 }
                                 if changed {
-                                    by_seq.remove(record.seq).map_err(ledger_error)?;
-                                    seq += 1;
-                                    record.seq = seq;
-                                    record.updated_ms = now;
                                     *deltas.entry("captions".into()).or_default() +=
                                         added.len() as u64;
                                     record.captions.extend(added.iter().cloned());
-                                    put_record(&mut samples, &record)?;
-                                    by_seq.insert(seq, id.0).map_err(ledger_error)?;
+                                    seq += 1;
+                                    resequence(&mut samples, &mut by_seq, &mut record, seq, now)?;
                                 }
                                 if added.is_empty() {
                                     *deltas.entry("duplicates".into()).or_default() += 1;
@@ -632,33 +628,8 @@ impl Store {
     }
 
     /// Samples created or changed after `cursor` (a sequence number), oldest change first, at
-    /// most `limit`. Pass the last record's `seq` as the next cursor.
-    pub fn samples_since(
-        &self,
-        cursor: u64,
-        limit: usize,
-    ) -> Result<Vec<SampleRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(ledger_error)?;
-        let by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
-        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
-        let mut out = Vec::new();
-        for entry in by_seq.range(cursor + 1..).map_err(ledger_error)? {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, id) = entry.map_err(ledger_error)?;
-            let id = SampleId(id.value());
-            let bytes = samples
-                .get(id.0)
-                .map_err(ledger_error)?
-                .ok_or(StoreError::UnknownSample(id))?;
-            out.push(decode_record(&id, bytes.value())?);
-        }
-        Ok(out)
-    }
-
-    /// Like [`Store::samples_since`], without quarantined samples; the page's cursor moves
-    /// past them.
+    /// most `limit`, quarantined ones left out; pass the page's `next_cursor` on (it moves past
+    /// quarantined samples too).
     pub fn page_since(&self, cursor: u64, limit: usize) -> Result<SamplePage, StoreError> {
         let txn = self.db.begin_read().map_err(ledger_error)?;
         let by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
@@ -761,12 +732,8 @@ impl Store {
                     None => None,
                 };
                 if let Some(mut record) = record {
-                    by_seq.remove(record.seq).map_err(ledger_error)?;
                     seq += 1;
-                    record.seq = seq;
-                    record.updated_ms = now_ms();
-                    put_record(&mut samples, &record)?;
-                    by_seq.insert(seq, id.0).map_err(ledger_error)?;
+                    resequence(&mut samples, &mut by_seq, &mut record, seq, now_ms())?;
                 }
                 released.push(id);
             }
@@ -1065,6 +1032,23 @@ fn put_record(
     table
         .insert(record.id.0, bytes.as_slice())
         .map_err(ledger_error)?;
+    Ok(())
+}
+
+/// Stores a changed record under the new change number `seq` (its old one dropped), so that
+/// cursors see it again.
+fn resequence(
+    samples: &mut redb::Table<[u8; 32], &[u8]>,
+    by_seq: &mut redb::Table<u64, [u8; 32]>,
+    record: &mut SampleRecord,
+    seq: u64,
+    now: u64,
+) -> Result<(), StoreError> {
+    by_seq.remove(record.seq).map_err(ledger_error)?;
+    record.seq = seq;
+    record.updated_ms = now;
+    put_record(samples, record)?;
+    by_seq.insert(seq, record.id.0).map_err(ledger_error)?;
     Ok(())
 }
 

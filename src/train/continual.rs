@@ -71,6 +71,45 @@ pub fn sample_pixels(
     load_image(&bytes, &record.id.to_hex(), limits, size).map_err(|e| unusable(e.to_string()))
 }
 
+/// [`sample_pixels`], with an unusable sample put in quarantine under `stage` (`None`);
+/// transient errors are returned.
+pub fn pixels_or_quarantine(
+    store: &Store,
+    record: &SampleRecord,
+    size: usize,
+    limits: &ImageLimits,
+    stage: &str,
+) -> Result<Option<Vec<f32>>, ContinualError> {
+    match sample_pixels(store, record, size, limits) {
+        Ok(pixels) => Ok(Some(pixels)),
+        Err(ContinualError::Unusable { id, reason }) => {
+            quarantine(store, &id, stage, &reason)?;
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The pixels of the usable `records`, with those records, in order; unusable ones are
+/// quarantined under `stage` and left out.
+pub fn usable_pixels<'a>(
+    store: &Store,
+    records: &'a [SampleRecord],
+    size: usize,
+    limits: &ImageLimits,
+    stage: &str,
+) -> Result<(Vec<Vec<f32>>, Vec<&'a SampleRecord>), ContinualError> {
+    let mut pixels = Vec::with_capacity(records.len());
+    let mut usable = Vec::with_capacity(records.len());
+    for record in records {
+        if let Some(sample) = pixels_or_quarantine(store, record, size, limits, stage)? {
+            pixels.push(sample);
+            usable.push(record);
+        }
+    }
+    Ok((pixels, usable))
+}
+
 /// Puts an unusable sample in quarantine (logged and counted); a store error is returned.
 pub fn quarantine(
     store: &Store,
@@ -144,18 +183,16 @@ pub fn train_candidate<AB: AutodiffBackend>(
                 cursor = 0;
             }
             let index = order[cursor];
-            match sample_pixels(store, &samples[index], image_size, limits) {
-                Ok(sample) => {
+            match pixels_or_quarantine(store, &samples[index], image_size, limits, "train")? {
+                Some(sample) => {
                     chosen.push(index);
                     pixels.push(sample);
                     cursor += 1;
                 }
-                // An unusable sample leaves the run (and every later one): quarantined.
-                Err(ContinualError::Unusable { id, reason }) => {
-                    quarantine(store, &id, "train", &reason)?;
+                // Quarantined: it leaves this run (and every later one).
+                None => {
                     order.remove(cursor);
                 }
-                Err(error) => return Err(error),
             }
         }
         if chosen.len() < 2 {
@@ -228,21 +265,8 @@ pub fn evaluate_on_store<B: Backend>(
         if cancel.is_cancelled() {
             return Err(ContinualError::Cancelled);
         }
-        let mut pixels = Vec::with_capacity(chunk.len());
-        let mut usable = Vec::with_capacity(chunk.len());
-        for record in chunk {
-            match sample_pixels(store, record, size, limits) {
-                Ok(sample) => {
-                    pixels.push(sample);
-                    usable.push(record);
-                }
-                // Quarantined, and so left out of every later evaluation too.
-                Err(ContinualError::Unusable { id, reason }) => {
-                    quarantine(store, &id, "eval", &reason)?;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        // Unusable samples are quarantined, and so left out of every later evaluation too.
+        let (pixels, usable) = usable_pixels(store, chunk, size, limits, "eval")?;
         if usable.is_empty() {
             continue;
         }

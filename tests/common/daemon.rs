@@ -130,6 +130,16 @@ impl Daemon {
         }
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        ureq::get(&format!("{}/metrics", self.base))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    }
+
     pub fn get(&self, path: &str) -> (u16, Value) {
         let response = ureq::get(&format!("{}{path}", self.base))
             .config()

@@ -193,26 +193,33 @@ impl Default for TrainingSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GateSection {
-    /// Largest accepted drop of validation mR, in percentage points.
+    /// Largest accepted drop of slice mR, in percentage points, against the live version and
+    /// against the best version promoted so far.
     #[serde(default = "default_mr_tolerance")]
     pub mr_tolerance: f64,
-    /// Fewest `val` samples for a decision (fewer: candidates are kept, not promoted).
-    #[serde(default = "default_min_val_samples")]
-    pub min_val_samples: usize,
+    /// Fewest slice samples for a decision (fewer: candidates are kept, not promoted). Absent:
+    /// `ceil(200 / mr_tolerance)`, the smallest slice on which the tolerance spans four
+    /// single-image steps of mR (`train::gate::required_slice`); a smaller value is refused.
+    #[serde(default)]
+    pub min_val_samples: Option<usize>,
+    /// Validation samples in the gate's evaluation slice (half the newest, half older ones).
+    #[serde(default = "default_slice_size")]
+    pub slice_size: usize,
 }
 
 fn default_mr_tolerance() -> f64 {
     0.5
 }
-fn default_min_val_samples() -> usize {
-    2
+fn default_slice_size() -> usize {
+    1000
 }
 
 impl Default for GateSection {
     fn default() -> Self {
         Self {
             mr_tolerance: default_mr_tolerance(),
-            min_val_samples: default_min_val_samples(),
+            min_val_samples: None,
+            slice_size: default_slice_size(),
         }
     }
 }
@@ -712,6 +719,22 @@ impl Config {
         }
         if self.gate.mr_tolerance.is_nan() || self.gate.mr_tolerance < 0.0 {
             return Err("gate.mr_tolerance must be >= 0".into());
+        }
+        let required = crate::train::gate::required_slice(self.gate.mr_tolerance);
+        if let Some(min) = self.gate.min_val_samples
+            && min < required
+        {
+            return Err(format!(
+                "gate.min_val_samples = {min} is too few for gate.mr_tolerance = {}: at least {required} (one image moves mR by 50/n points)",
+                self.gate.mr_tolerance
+            ));
+        }
+        if self.gate.slice_size < self.gate.min_val_samples.unwrap_or(required) {
+            return Err(format!(
+                "gate.slice_size = {} is smaller than the {} samples a decision needs (gate.min_val_samples, or 200 / gate.mr_tolerance)",
+                self.gate.slice_size,
+                self.gate.min_val_samples.unwrap_or(required)
+            ));
         }
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(format!(

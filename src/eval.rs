@@ -43,8 +43,42 @@ impl RetrievalMetrics {
             ("t2i_r10", self.t2i_r10),
         ]
         .into_iter()
+        // JSON has no NaN: a figure that was not measured is left out.
+        .filter(|(_, v)| v.is_finite())
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+    }
+
+    /// The inverse of [`RetrievalMetrics::to_map`] (with `images` and `captions` when
+    /// present); `None` if a recall is missing.
+    pub fn from_map(map: &std::collections::BTreeMap<String, f64>) -> Option<Self> {
+        let get = |key: &str| map.get(key).copied();
+        Some(Self {
+            i2t_r1: get("i2t_r1")?,
+            i2t_r5: get("i2t_r5")?,
+            i2t_r10: get("i2t_r10")?,
+            t2i_r1: get("t2i_r1")?,
+            t2i_r5: get("t2i_r5")?,
+            t2i_r10: get("t2i_r10")?,
+            mr: get("mr")?,
+            images: get("images").unwrap_or(0.0) as usize,
+            captions: get("captions").unwrap_or(0.0) as usize,
+        })
+    }
+
+    /// Every figure NaN (a candidate that was not evaluated).
+    pub fn nan() -> Self {
+        Self {
+            i2t_r1: f64::NAN,
+            i2t_r5: f64::NAN,
+            i2t_r10: f64::NAN,
+            t2i_r1: f64::NAN,
+            t2i_r5: f64::NAN,
+            t2i_r10: f64::NAN,
+            mr: f64::NAN,
+            images: 0,
+            captions: 0,
+        }
     }
 }
 

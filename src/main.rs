@@ -547,53 +547,8 @@ where
     })
 }
 
-/// POSTs `body` to the running daemon's API (with the bearer token when one is set); `None`
-/// when no daemon answers at `http.listen`.
-fn post_to_daemon(
-    config: &Config,
-    path: &str,
-    body: &serde_json::Value,
-    what: &str,
-) -> Result<Option<String>> {
-    let url = format!("http://{}{path}", config.http.listen);
-    let mut request = ureq::post(&url);
-    if let Ok(token) = std::env::var(&config.http.bearer_token_env)
-        && !token.is_empty()
-    {
-        request = request.header("Authorization", &format!("Bearer {token}"));
-    }
-    match request
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .send_json(body)
-    {
-        Ok(mut response) => {
-            let text = response.body_mut().read_to_string().unwrap_or_default();
-            if !response.status().is_success() {
-                bail!("{what} refused by the daemon: {text}");
-            }
-            Ok(Some(text))
-        }
-        Err(ureq::Error::Io(_)) | Err(ureq::Error::ConnectionFailed) => Ok(None),
-        Err(error) => Err(error).with_context(|| format!("{what} request")),
-    }
-}
-
-/// Rollback through the running daemon's API; when none answers, directly on the data
-/// directory (the daemon must be stopped: the index and store are single-writer).
 fn rollback_command(config: &Config, to: Option<u64>) -> Result<()> {
-    let body = serde_json::json!({ "to": to });
-    match post_to_daemon(config, "/v1/rollback", &body, "rollback")? {
-        Some(text) => println!("{text}"),
-        None => {
-            let version = rsitrd::daemon::offline_rollback(config, to)?;
-            println!(
-                "{}",
-                serde_json::json!({ "adapter_version": version, "offline": true })
-            );
-        }
-    }
+    println!("{}", rsitrd::client::rollback(config, to)?);
     Ok(())
 }
 
@@ -681,20 +636,8 @@ fn quarantine_command(config: &Config, release: &[String], all: bool, json: bool
                 .with_context(|| format!("`{hex}` is not a sample id (64 hex digits)"))
         })
         .collect::<Result<_>>()?;
-    // The daemon owns the ledger while it runs: ask it; when it is stopped, write directly.
-    let body = if all {
-        serde_json::json!({ "all": true })
-    } else {
-        serde_json::json!({ "ids": release })
-    };
-    match post_to_daemon(config, "/v1/quarantine/release", &body, "release")? {
-        Some(text) => println!("{text}"),
-        None => {
-            let store = open_store(config)?;
-            let released = store.release(if all { None } else { Some(&ids) })?;
-            println!("{}", serde_json::json!({ "released": released }));
-        }
-    }
+    let released = rsitrd::client::release(config, if all { None } else { Some(&ids) })?;
+    println!("{released}");
     Ok(())
 }
 

@@ -293,7 +293,16 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
     assert_eq!(embedded_v1["adapter_version"], 1);
     let runs = std::fs::read_to_string(daemon.env.data.join("adapters/runs.jsonl")).unwrap();
     assert_eq!(runs.lines().count(), 1);
-    assert!(daemon.env.data.join("adapters/v1.safetensors").exists());
+    // Adapters are content-addressed: the ledger records the file and its BLAKE3.
+    let adapter = &status["versions"]["1"]["adapter"];
+    let adapter_path = std::path::PathBuf::from(adapter["path"].as_str().unwrap());
+    assert!(adapter_path.starts_with(daemon.env.data.join("adapters")));
+    let bytes = std::fs::read(&adapter_path).unwrap();
+    assert_eq!(
+        adapter["blake3"].as_str().unwrap(),
+        blake3::hash(&bytes).to_hex().as_str()
+    );
+    assert_eq!(status["adapter_id"], adapter["blake3"]);
     // The promoted adapter file is a real checkpoint: `rsitrd embed --adapter` reproduces the
     // daemon's query encoding.
     let cli = common::json_lines(
@@ -301,7 +310,7 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
             .args(["embed", "--model"])
             .arg(common::fixture("tiny-clip"))
             .arg("--adapter")
-            .arg(daemon.env.data.join("adapters/v1.safetensors"))
+            .arg(&adapter_path)
             .args(["--text", "a football field", "--json"]),
     );
     assert!(
@@ -421,9 +430,10 @@ fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
         .unwrap();
     assert_eq!(found["adapter_version"], 0);
     assert_eq!(status["index_versions"], json!([0]));
+    let kept = status["versions"]["1"]["adapter"]["path"].as_str().unwrap();
     assert!(
-        adapter_dir.join("v1.safetensors").exists(),
-        "the candidate is kept on disk, in model.adapter_dir"
+        std::path::Path::new(kept).starts_with(&adapter_dir) && std::path::Path::new(kept).exists(),
+        "the candidate is kept on disk, in model.adapter_dir: {kept}"
     );
     let runs = std::fs::read_to_string(adapter_dir.join("runs.jsonl")).unwrap();
     assert!(runs.contains("rejected"), "{runs}");
@@ -529,12 +539,14 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
         !daemon.get("/v1/status").1["promotion"].is_null()
     });
     daemon.process.as_mut().unwrap().kill9();
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(daemon.env.data.join("state.json")).unwrap())
-            .unwrap();
-    assert!(!state["reindex"].is_null(), "killed mid re-embed");
-    let initial_version = state["history"][0].as_u64().unwrap();
-    assert_eq!(state["live"], initial_version);
+    let ledger = rsitrd::store::StoreReader::open(&daemon.env.data.join("store"))
+        .unwrap()
+        .daemon_ledger()
+        .unwrap()
+        .expect("the daemon's rows are in the ledger");
+    assert!(ledger.promotion.is_some(), "killed mid re-embed");
+    let initial_version = ledger.live.history[0];
+    assert_eq!(ledger.live.version, initial_version);
     daemon.start();
     wait_for(
         Duration::from_secs(120),

@@ -141,21 +141,34 @@ fn cursor_replay_and_reopen() {
             "each sample listed once"
         );
 
-        // Replay: seeded, only train samples created up to the bound.
-        let bound = store.get(&ids[29]).unwrap().unwrap().created_seq;
-        let replay = store
-            .replay_sample(SampleSplit::Train, bound, 8, 11)
-            .unwrap();
+        // The split index: ordinals follow creation, per split, and agree with the records.
+        let train: Vec<_> = store
+            .samples_in(Some(SampleSplit::Train))
+            .unwrap()
+            .into_iter()
+            .collect();
+        let train_len = store.split_len(SampleSplit::Train).unwrap();
+        assert_eq!(train_len as usize, train.len());
+        let by_ordinal = store.split_range(SampleSplit::Train, 0, train_len).unwrap();
+        assert_eq!(by_ordinal.len(), train.len());
+        assert!(
+            by_ordinal
+                .windows(2)
+                .all(|w| w[0].created_seq < w[1].created_seq),
+            "creation order"
+        );
+        // Replay: seeded, only train samples among the first `upto` (point lookups).
+        let upto = 20;
+        let bound = by_ordinal[upto as usize - 1].created_seq;
+        let replay = store.sample_split(SampleSplit::Train, upto, 8, 11).unwrap();
         assert_eq!(
             replay,
-            store
-                .replay_sample(SampleSplit::Train, bound, 8, 11)
-                .unwrap()
+            store.sample_split(SampleSplit::Train, upto, 8, 11).unwrap()
         );
         assert_ne!(
             replay.iter().map(|r| r.id).collect::<Vec<_>>(),
             store
-                .replay_sample(SampleSplit::Train, bound, 8, 12)
+                .sample_split(SampleSplit::Train, upto, 8, 12)
                 .unwrap()
                 .iter()
                 .map(|r| r.id)
@@ -167,19 +180,15 @@ fn cursor_replay_and_reopen() {
                 .iter()
                 .all(|r| r.split == SampleSplit::Train && r.created_seq <= bound)
         );
-        let train_before = store
-            .samples_in(Some(SampleSplit::Train))
-            .unwrap()
-            .into_iter()
-            .filter(|r| r.created_seq <= bound)
-            .count();
         assert_eq!(
             store
-                .replay_sample(SampleSplit::Train, bound, 1000, 1)
+                .sample_split(SampleSplit::Train, upto, 1000, 1)
                 .unwrap()
                 .len(),
-            train_before
+            upto as usize
         );
+        assert_eq!(store.train_ordinal_after(bound).unwrap(), upto);
+        assert_eq!(store.train_ordinal_after(0).unwrap(), 0);
 
         // A reader in another handle (as `rsitrd stats` beside the daemon) sees the commits.
         let reader = StoreReader::open(temp.path()).unwrap();
@@ -241,10 +250,17 @@ fn quarantined_samples_are_skipped_by_every_read_and_never_pin_a_cursor() {
     assert_eq!(seen, vec![ids[2999]]);
     assert!((3..=4).contains(&pages), "{pages} pages");
     assert_eq!(store.samples_in(None).unwrap().len(), 1);
-    let bound = store.stats().unwrap().last_seq;
+    let train = store.split_len(SampleSplit::Train).unwrap();
     assert!(
         store
-            .replay_sample(SampleSplit::Train, bound, 100, 1)
+            .sample_split(SampleSplit::Train, train, 100, 1)
+            .unwrap()
+            .len()
+            <= 1
+    );
+    assert!(
+        store
+            .split_range(SampleSplit::Train, 0, train)
             .unwrap()
             .len()
             <= 1

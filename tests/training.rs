@@ -318,17 +318,27 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
         ..TrainingSection::default()
     };
     let device = Default::default();
-    let run = |samples: &[SampleRecord], seed: u64| {
-        AB::seed(&device, 7); // the untrained adapter's initialization
-        let candidate = train_candidate::<AB>(
+    // The untrained adapter's down projections are drawn from the configured seed (not from
+    // burn's global RNG): two loads with one seed start every run from the same adapter.
+    let load = |seed: u64| {
+        rsitrd::serve::Backbone::<<AB as burn::tensor::backend::AutodiffBackend>::InnerBackend>::load(
             &fixture("tiny-clip"),
             None,
+            seed,
+            8,
+            &device,
+        )
+        .unwrap()
+    };
+    let backbone = load(7);
+    let run_on = |backbone: &rsitrd::serve::Backbone<_>, samples: &[SampleRecord], seed: u64| {
+        let candidate = train_candidate::<AB>(
+            &backbone.untrained(),
             samples,
             &store,
             &config,
             seed,
             &ImageLimits::default(),
-            8,
             &device,
             &tokio_util::sync::CancellationToken::new(),
         )
@@ -339,6 +349,17 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
             candidate.embedder.embed_texts(&["a synthetic tile"]),
         )
     };
+    let run = |samples: &[SampleRecord], seed: u64| run_on(&backbone, samples, seed);
+    assert_eq!(
+        run(&samples, 11),
+        run_on(&load(7), &samples, 11),
+        "same configured seed, another load: the same run"
+    );
+    assert_ne!(
+        run(&samples, 11),
+        run_on(&load(8), &samples, 11),
+        "control: another adapter seed starts elsewhere"
+    );
     let listed = run(&samples, 11);
     samples.reverse();
     let reversed = run(&samples, 11);

@@ -36,6 +36,8 @@ struct Shard {
 pub struct EdgeIndex {
     root: PathBuf,
     shards: Mutex<BTreeMap<u64, Arc<Shard>>>,
+    /// Versions being dropped: not loaded again while their files go.
+    dropping: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn version_dir(root: &Path, version: u64) -> PathBuf {
@@ -51,6 +53,7 @@ impl EdgeIndex {
         Ok(Self {
             root: root.to_path_buf(),
             shards: Mutex::new(BTreeMap::new()),
+            dropping: Mutex::new(Default::default()),
         })
     }
 
@@ -58,6 +61,14 @@ impl EdgeIndex {
         let mut shards = self.shards.lock().expect("shard cache lock");
         if let Some(shard) = shards.get(&version) {
             return Ok(shard.clone());
+        }
+        if self
+            .dropping
+            .lock()
+            .expect("dropping lock")
+            .contains(&version)
+        {
+            return Err(IndexError::MissingVersion(version));
         }
         let dir = version_dir(&self.root, version);
         if !dir.join("edge_config.json").exists() {
@@ -234,17 +245,31 @@ impl VectorIndex for EdgeIndex {
     }
 
     fn drop_version(&self, version: u64) -> Result<(), IndexError> {
-        // Drop the open shard (releases its WAL lock) before deleting its files.
-        self.shards
-            .lock()
-            .expect("shard cache lock")
-            .remove(&version);
+        // No new loads of it; searches already holding it finish first, because the shard
+        // flushes into its directory when the last handle goes (and panics if it is gone).
+        let shard = {
+            let mut shards = self.shards.lock().expect("shard cache lock");
+            self.dropping.lock().expect("dropping lock").insert(version);
+            shards.remove(&version)
+        };
+        if let Some(shard) = shard {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while Arc::strong_count(&shard) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            drop(shard);
+        }
         let dir = version_dir(&self.root, version);
-        match std::fs::remove_dir_all(&dir) {
+        let result = match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(error) => Err(IndexError::Io { path: dir, error }),
-        }
+        };
+        self.dropping
+            .lock()
+            .expect("dropping lock")
+            .remove(&version);
+        result
     }
 
     fn set_live(&self, version: u64) -> Result<(), IndexError> {

@@ -171,6 +171,21 @@ pub fn sample_points(
     points
 }
 
+/// Opens the configured index (embedded: under `data_dir/index`).
+pub fn open(
+    config: &crate::config::IndexSection,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn VectorIndex>, IndexError> {
+    Ok(match config.backend {
+        crate::config::IndexBackendKind::Embedded => {
+            std::sync::Arc::new(edge::EdgeIndex::open(&data_dir.join("index"))?)
+        }
+        crate::config::IndexBackendKind::Remote => {
+            std::sync::Arc::new(remote::RemoteIndex::connect(config)?)
+        }
+    })
+}
+
 /// A vector index with versions. Implementations are thread-safe; every call blocks.
 pub trait VectorIndex: Send + Sync {
     /// Creates version `version` (vectors of `dim`) if absent.

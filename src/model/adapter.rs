@@ -5,7 +5,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use super::clip::linear_tokens;
+use super::clip::{linear_tokens, mix_seed};
 use super::config::{AdapterConfig, ClipConfig};
 
 /// Which tower the adapter is serving (selects the modality-specific projections).
@@ -62,6 +62,55 @@ impl AdapterConfig {
             dropout: self.dropout,
         }
     }
+}
+
+impl AdapterConfig {
+    /// [`AdapterConfig::init`] with the down projections drawn from `seed` (host RNG, not
+    /// burn's process-global one): the untrained adapter a continual run starts from is then
+    /// the same for the same configuration, so runs are reproducible.
+    pub fn init_seeded<B: Backend>(
+        &self,
+        clip: &ClipConfig,
+        seed: u64,
+        device: &B::Device,
+    ) -> MrsAdapter<B> {
+        let mut adapter = self.init(clip, device);
+        adapter.visual_down = seeded_down(
+            clip.vision_config.hidden_size,
+            self.bottleneck,
+            mix_seed(seed, 1),
+            device,
+        );
+        adapter.text_down = seeded_down(
+            clip.text_config.hidden_size,
+            self.bottleneck,
+            mix_seed(seed, 2),
+            device,
+        );
+        adapter
+    }
+}
+
+/// PyTorch's default `nn.Linear` weight init (Kaiming-uniform with a = √5, i.e. uniform in
+/// ±1/√fan_in) from a seeded host RNG, and a zero bias.
+fn seeded_down<B: Backend>(
+    d_input: usize,
+    d_output: usize,
+    seed: u64,
+    device: &B::Device,
+) -> Linear<B> {
+    use rand::{Rng, SeedableRng};
+    let bound = 1.0 / (d_input as f64).sqrt();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..d_input * d_output)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect();
+    let mut linear = down_projection(d_input, d_output, device);
+    linear.weight = Param::from_tensor(Tensor::from_data(
+        burn::tensor::TensorData::new(values, [d_input, d_output]),
+        device,
+    ));
+    linear
 }
 
 impl<B: Backend> MrsAdapter<B> {

@@ -242,8 +242,13 @@ pub fn load_clip<B: Backend>(
 /// Reads only the metadata of an adapter checkpoint.
 pub fn read_adapter_meta(path: &Path) -> Result<AdapterMeta, WeightsError> {
     let bytes = std::fs::read(path).map_err(|e| read_error(path, e))?;
+    adapter_meta_of(&bytes, path)
+}
+
+/// The metadata of adapter checkpoint bytes (`path` names them in errors).
+pub fn adapter_meta_of(bytes: &[u8], path: &Path) -> Result<AdapterMeta, WeightsError> {
     let (_, metadata) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| read_error(path, e))?;
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| read_error(path, e))?;
     let json = metadata
         .metadata()
         .as_ref()
@@ -263,7 +268,20 @@ pub fn load_adapter<B: Backend>(
     adapter: &AdapterConfig,
     path: &Path,
 ) -> Result<AdapterMeta, WeightsError> {
-    let meta = read_adapter_meta(path)?;
+    let bytes = std::fs::read(path).map_err(|e| read_error(path, e))?;
+    load_adapter_bytes(model, base, adapter, bytes, path)
+}
+
+/// [`load_adapter`] from the checkpoint's bytes (read once: the caller may have checked
+/// their hash); `path` names them in errors.
+pub fn load_adapter_bytes<B: Backend>(
+    model: &mut ClipModel<B>,
+    base: &BaseModel,
+    adapter: &AdapterConfig,
+    bytes: Vec<u8>,
+    path: &Path,
+) -> Result<AdapterMeta, WeightsError> {
+    let meta = adapter_meta_of(&bytes, path)?;
     let incompatible = |reason: String| WeightsError::IncompatibleAdapter {
         path: path.to_path_buf(),
         reason,
@@ -287,7 +305,7 @@ pub fn load_adapter<B: Backend>(
             adapter.shared_width
         )));
     }
-    let mut store = SafetensorsStore::from_file(path)
+    let mut store = SafetensorsStore::from_bytes(Some(bytes))
         .with_from_adapter(PyTorchToBurnAdapter)
         .with_regex(r"^adapter\.")
         .allow_partial(true)
@@ -323,12 +341,24 @@ pub fn save_adapter<B: Backend>(
         path: path.to_path_buf(),
         source,
     };
+    let bytes = adapter_bytes(model, meta).map_err(write_error)?;
+    write_atomically(path, &bytes).map_err(write_error)
+}
+
+/// The adapter checkpoint of `model` with `meta`, serialized in memory (its BLAKE3 names it
+/// in the daemon's content-addressed adapter directory).
+pub fn adapter_bytes<B: Backend>(
+    model: &ClipModel<B>,
+    meta: &AdapterMeta,
+) -> std::io::Result<Vec<u8>> {
+    let other = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
     let json = serde_json::to_string(meta).expect("adapter metadata serializes");
-    let store = SafetensorsStore::from_bytes(None)
+    let mut store = SafetensorsStore::from_bytes(None)
         .with_to_adapter(BurnToPyTorchAdapter)
         .with_regex(r"^adapter\.")
         .metadata(META_KEY, json);
-    write_store(model, store, path).map_err(write_error)
+    model.save_into(&mut store).map_err(|e| other(&e))?;
+    store.get_bytes().map_err(|e| other(&e))
 }
 
 /// Writes `bytes` to `path` via a temp file in the same directory, fsynced, then renamed.

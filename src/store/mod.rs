@@ -18,14 +18,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rand::SeedableRng;
-use rand::seq::index;
 use redb::{
     Builder, ConcurrencyMode, Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable,
     ReadableTableMetadata, TableDefinition,
 };
 use serde::{Deserialize, Serialize};
 
+pub mod ledger;
 pub mod writer;
 
 /// Sample id (BLAKE3 of the image bytes) → JSON [`SampleRecord`].
@@ -39,6 +38,10 @@ const REJECTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("rejects"
 /// image no longer decodes within the limits, their blob is gone). Every stage skips them
 /// until an operator releases them.
 const QUARANTINE: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("quarantine");
+/// (split, ordinal within the split) → sample id: the n-th sample created in each split, so
+/// that training, replay and the gate's slice read exactly the samples they need (bounded
+/// work, never a scan of the whole ledger). Ordinals follow creation order and never change.
+const BY_SPLIT: TableDefinition<(u8, u64), [u8; 32]> = TableDefinition::new("samples_by_split");
 /// Named counters (see [`Stats`]).
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -149,6 +152,14 @@ impl SampleSplit {
         match self {
             Self::Train => "train",
             Self::Val => "val",
+        }
+    }
+
+    /// Key of the split in the ledger's split index.
+    fn code(self) -> u8 {
+        match self {
+            Self::Train => 0,
+            Self::Val => 1,
         }
     }
 }
@@ -417,13 +428,16 @@ impl Store {
             txn.open_table(BY_SEQ).map_err(ledger_error)?;
             txn.open_table(REJECTS).map_err(ledger_error)?;
             txn.open_table(COUNTERS).map_err(ledger_error)?;
+            ledger::create_tables(&txn)?;
         }
         txn.commit().map_err(ledger_error)?;
-        Ok(Self {
+        let store = Self {
             root: root.to_path_buf(),
             db,
             policy,
-        })
+        };
+        store.index_splits()?;
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
@@ -450,6 +464,7 @@ impl Store {
             let mut by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
             let mut rejects = txn.open_table(REJECTS).map_err(ledger_error)?;
             let mut counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
+            let mut by_split = txn.open_table(BY_SPLIT).map_err(ledger_error)?;
             let mut deltas: BTreeMap<String, u64> = BTreeMap::new();
             let mut seq = counter(&counters, SEQ_COUNTER)?;
             let now = now_ms();
@@ -486,7 +501,12 @@ impl Store {
                                 *deltas.entry("samples".into()).or_default() += 1;
                                 *deltas.entry("captions".into()).or_default() +=
                                     record.captions.len() as u64;
-                                *deltas.entry(split.as_str().into()).or_default() += 1;
+                                let in_split = deltas.entry(split.as_str().into()).or_default();
+                                let ordinal = counter(&counters, split.as_str())? + *in_split;
+                                *in_split += 1;
+                                by_split
+                                    .insert((split.code(), ordinal), id.0)
+                                    .map_err(ledger_error)?;
                                 *deltas
                                     .entry(format!("source:{}", sample.source))
                                     .or_default() += 1;
@@ -631,6 +651,17 @@ impl Store {
     /// most `limit`, quarantined ones left out; pass the page's `next_cursor` on (it moves past
     /// quarantined samples too).
     pub fn page_since(&self, cursor: u64, limit: usize) -> Result<SamplePage, StoreError> {
+        self.page_range(cursor, u64::MAX, limit)
+    }
+
+    /// [`Store::page_since`] limited to changes numbered up to `upto` (a promotion's re-embed
+    /// stops where it began: later changes reach the new version by the dual write).
+    pub fn page_range(
+        &self,
+        cursor: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<SamplePage, StoreError> {
         let txn = self.db.begin_read().map_err(ledger_error)?;
         let by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
         let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
@@ -642,8 +673,11 @@ impl Store {
         // `limit` bounds the records decoded; scanned quarantined entries are bounded too, so
         // a page is bounded work whatever the quarantine holds.
         let max_scanned = limit.saturating_mul(4).max(1024);
+        if cursor >= upto {
+            return Ok(page);
+        }
         for (scanned, entry) in by_seq
-            .range(cursor + 1..)
+            .range(cursor + 1..=upto)
             .map_err(ledger_error)?
             .enumerate()
         {
@@ -743,39 +777,8 @@ impl Store {
         Ok(released)
     }
 
-    /// A seeded uniform sample of up to `count` samples of `split` created at or before
-    /// `created_at_or_before` (the replay set for continual training).
-    pub fn replay_sample(
-        &self,
-        split: SampleSplit,
-        created_at_or_before: u64,
-        count: usize,
-        seed: u64,
-    ) -> Result<Vec<SampleRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(ledger_error)?;
-        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
-        let quarantine = txn.open_table(QUARANTINE).map_err(ledger_error)?;
-        let mut candidates = Vec::new();
-        for entry in samples.iter().map_err(ledger_error)? {
-            let (key, bytes) = entry.map_err(ledger_error)?;
-            let id = SampleId(key.value());
-            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
-                continue;
-            }
-            let record = decode_record(&id, bytes.value())?;
-            if record.split == split && record.created_seq <= created_at_or_before {
-                candidates.push(record);
-            }
-        }
-        // Ledger order is by id, a hash: stable whatever the arrival order.
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let count = count.min(candidates.len());
-        let mut chosen: Vec<usize> = index::sample(&mut rng, candidates.len(), count).into_vec();
-        chosen.sort_unstable();
-        Ok(chosen.into_iter().map(|i| candidates[i].clone()).collect())
-    }
-
-    /// Every sample of a split (quarantined ones left out), in id order.
+    /// Every sample of a split (quarantined ones left out), in id order. A full scan: for
+    /// offline tools and tests; the daemon reads through the split index instead.
     pub fn samples_in(&self, split: Option<SampleSplit>) -> Result<Vec<SampleRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(ledger_error)?;
         let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;

@@ -1,6 +1,6 @@
 //! Continual training for the daemon: a run continues the live adapter on new training
-//! samples mixed with a replayed sample of older ones, then the candidate and the live adapter
-//! are evaluated side by side on the held-out `val` samples of the store (the promotion gate).
+//! samples mixed with a replayed sample of older ones (the gate, `super::gate`, then decides
+//! whether the candidate serves). The run starts from the shared backbone: no weights load.
 
 use std::path::Path;
 
@@ -14,10 +14,11 @@ use super::{AdapterTrainer, StepLosses};
 use crate::config::TrainingSection;
 use crate::eval::{RetrievalMetrics, retrieval_metrics, similarity_matrix};
 use crate::model::clip::mix_seed;
-use crate::model::preprocess::{ImageLimits, load_image};
+use crate::model::preprocess::ImageLimits;
 use crate::model::weights::{self, AdapterMeta, WeightsError};
 use crate::model::{Embedder, LossConfig, pixel_tensor, tokenizer};
 use crate::store::{SampleId, SampleRecord, Store, StoreError};
+use crate::stored::{SampleError, pixels_or_quarantine, usable_pixels};
 
 /// Why a run failed (the daemon records it and tries again at the next trigger).
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +31,23 @@ pub enum ContinualError {
     /// limits, its blob is gone): quarantine it, retrying cannot help.
     #[error("stored sample {id} is unusable: {reason}")]
     Unusable { id: SampleId, reason: String },
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
     #[error("no training samples")]
     NoSamples,
+    #[error("version owner: {0}")]
+    Versions(String),
     #[error("cancelled")]
     Cancelled,
+}
+
+impl From<SampleError> for ContinualError {
+    fn from(error: SampleError) -> Self {
+        match error {
+            SampleError::Store(error) => Self::Store(error),
+            SampleError::Unusable { id, reason } => Self::Unusable { id, reason },
+        }
+    }
 }
 
 /// A trained candidate and how its training went.
@@ -46,115 +60,28 @@ pub struct Candidate<B: Backend> {
     pub finite: bool,
 }
 
-/// Preprocessed `[3, size, size]` pixels of a stored sample. A missing blob or an image that
-/// no longer passes `limits` is [`ContinualError::Unusable`]; other read errors are transient.
-pub fn sample_pixels(
-    store: &Store,
-    record: &SampleRecord,
-    size: usize,
-    limits: &ImageLimits,
-) -> Result<Vec<f32>, ContinualError> {
-    let unusable = |reason: String| ContinualError::Unusable {
-        id: record.id,
-        reason,
-    };
-    let bytes = match store.read_image(&record.id) {
-        Ok(bytes) => bytes,
-        Err(StoreError::Io { path, error }) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(unusable(format!(
-                "image blob {} is missing",
-                path.display()
-            )));
-        }
-        Err(error) => return Err(error.into()),
-    };
-    load_image(&bytes, &record.id.to_hex(), limits, size).map_err(|e| unusable(e.to_string()))
-}
-
-/// [`sample_pixels`], with an unusable sample put in quarantine under `stage` (`None`);
-/// transient errors are returned.
-pub fn pixels_or_quarantine(
-    store: &Store,
-    record: &SampleRecord,
-    size: usize,
-    limits: &ImageLimits,
-    stage: &str,
-) -> Result<Option<Vec<f32>>, ContinualError> {
-    match sample_pixels(store, record, size, limits) {
-        Ok(pixels) => Ok(Some(pixels)),
-        Err(ContinualError::Unusable { id, reason }) => {
-            quarantine(store, &id, stage, &reason)?;
-            Ok(None)
-        }
-        Err(error) => Err(error),
-    }
-}
-
-/// The pixels of the usable `records`, with those records, in order; unusable ones are
-/// quarantined under `stage` and left out.
-pub fn usable_pixels<'a>(
-    store: &Store,
-    records: &'a [SampleRecord],
-    size: usize,
-    limits: &ImageLimits,
-    stage: &str,
-) -> Result<(Vec<Vec<f32>>, Vec<&'a SampleRecord>), ContinualError> {
-    let mut pixels = Vec::with_capacity(records.len());
-    let mut usable = Vec::with_capacity(records.len());
-    for record in records {
-        if let Some(sample) = pixels_or_quarantine(store, record, size, limits, stage)? {
-            pixels.push(sample);
-            usable.push(record);
-        }
-    }
-    Ok((pixels, usable))
-}
-
-/// Puts an unusable sample in quarantine (logged and counted); a store error is returned.
-pub fn quarantine(
-    store: &Store,
-    id: &SampleId,
-    stage: &str,
-    reason: &str,
-) -> Result<(), ContinualError> {
-    if store.quarantine(id, stage, reason)? {
-        metrics::counter!("rsitrd_quarantined_total", "stage" => stage.to_string()).increment(1);
-        tracing::warn!(sample_id = %id, stage, reason, "sample quarantined: skipped until released");
-        report_quarantine(store);
-    }
-    Ok(())
-}
-
-/// Sets the `rsitrd_quarantined_samples` gauge from the ledger.
-pub fn report_quarantine(store: &Store) {
-    if let Ok(stats) = store.stats() {
-        metrics::gauge!("rsitrd_quarantined_samples").set(stats.quarantined as f64);
-    }
-}
-
-/// Trains `steps` adapter steps starting from `parent` (none: the untrained adapter) on
-/// `samples`, one random caption per image per step, batches of `config.batch_size`. The
-/// result depends on `seed` and the set of samples, not on their order.
+/// Trains `steps` adapter steps starting from `start` (the parent adapter on the shared
+/// backbone) on `samples`, one random caption per image per step, batches of
+/// `config.batch_size`. The result depends on `seed` and the set of samples, not on their
+/// order. The backbone's weights stay shared with `start` (wrapped for autodiff, frozen).
 #[allow(clippy::too_many_arguments)]
 pub fn train_candidate<AB: AutodiffBackend>(
-    model_dir: &Path,
-    parent: Option<&Path>,
+    start: &Embedder<AB::InnerBackend>,
     samples: &[SampleRecord],
     store: &Store,
     config: &TrainingSection,
     seed: u64,
     limits: &ImageLimits,
-    batch_size_for_embedding: usize,
     device: &AB::Device,
     cancel: &CancellationToken,
 ) -> Result<Candidate<AB::InnerBackend>, ContinualError> {
     if samples.len() < 2 {
         return Err(ContinualError::NoSamples);
     }
-    let start = Embedder::<AB>::load(model_dir, parent, device)?;
     let image_size = start.image_size();
     let patch = start.config.vision_config.patch_size;
     let tokenizer = start.tokenizer.clone();
+    let device_inner = start.device.clone();
     let (config_clip, base, adapter_config, meta, logit_scale) = (
         start.config.clone(),
         start.base.clone(),
@@ -162,7 +89,10 @@ pub fn train_candidate<AB: AutodiffBackend>(
         start.adapter_meta.clone(),
         start.logit_scale,
     );
-    let mut trainer = AdapterTrainer::new(start.model, LossConfig::default());
+    let mut trainer = AdapterTrainer::new(
+        crate::serve::trainable::<AB>(start.model.clone()),
+        LossConfig::default(),
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let batch = config.batch_size.min(samples.len());
     // Batches depend on the set of samples, not on the order they arrived in (ingestion
@@ -231,10 +161,11 @@ pub fn train_candidate<AB: AutodiffBackend>(
         adapter_config,
         meta,
         logit_scale,
-        device,
+        &device_inner,
     );
     let mut embedder = embedder;
-    embedder.batch_size = batch_size_for_embedding;
+    embedder.batch_size = start.batch_size;
+    embedder.tokenizer = tokenizer;
     Ok(Candidate {
         embedder,
         steps: config.steps,
@@ -305,12 +236,22 @@ pub fn candidate_meta(
     }
 }
 
-/// Saves a candidate's adapter with its metadata.
+/// Saves a candidate's adapter under a content-addressed name in `dir`
+/// (`v{version}-{blake3 prefix}.safetensors`) and returns the file with its full BLAKE3.
 pub fn save_candidate<B: Backend>(
     embedder: &Embedder<B>,
     meta: &AdapterMeta,
-    path: &Path,
-) -> Result<(), ContinualError> {
-    weights::save_adapter(&embedder.model, meta, path)?;
-    Ok(())
+    dir: &Path,
+) -> Result<crate::store::ledger::AdapterFile, ContinualError> {
+    let write_error = |path: &Path, source: std::io::Error| {
+        ContinualError::Weights(WeightsError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let bytes = weights::adapter_bytes(&embedder.model, meta).map_err(|e| write_error(dir, e))?;
+    let blake3 = crate::serve::adapter_id(&bytes);
+    let path = dir.join(format!("v{}-{}.safetensors", meta.version, &blake3[..12]));
+    weights::write_atomically(&path, &bytes).map_err(|e| write_error(&path, e))?;
+    Ok(crate::store::ledger::AdapterFile { path, blake3 })
 }

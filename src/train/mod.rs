@@ -8,7 +8,9 @@ use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 pub mod continual;
+pub mod gate;
 pub mod offline;
+pub mod trigger;
 
 use crate::model::clip::mix_seed;
 use crate::model::tokenizer;

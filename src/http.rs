@@ -23,10 +23,13 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::Shared;
-use crate::index::{IMAGE_VECTOR, IndexError, TEXT_VECTOR};
+use crate::config::Config;
+use crate::index::{IMAGE_VECTOR, IndexError, TEXT_VECTOR, VectorIndex};
 use crate::model::preprocess::load_image;
+use crate::serve::Live;
 use crate::store::SampleId;
+use crate::store::Store;
+use crate::versions::{self, VersionError};
 
 /// Seconds a client told "busy" should wait before trying again.
 const RETRY_AFTER_S: u32 = 1;
@@ -61,6 +64,14 @@ impl ApiError {
         Self {
             retry_after: Some(RETRY_AFTER_S),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+    }
+
+    fn from_versions(error: VersionError) -> Self {
+        match error {
+            VersionError::Conflict(message) => Self::new(StatusCode::CONFLICT, message),
+            VersionError::Busy(message) => Self::busy(message),
+            other => Self::internal(other),
         }
     }
 
@@ -141,7 +152,25 @@ impl<T: DeserializeOwned, B: Backend> axum::extract::FromRequest<AppState<B>> fo
     }
 }
 
-type AppState<B> = Arc<Shared<B>>;
+/// What the handlers share (built by the daemon).
+pub struct Api<B: Backend> {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub index: Arc<dyn VectorIndex>,
+    /// The live serving model (only the version owner changes it).
+    pub live: Arc<Live<B>>,
+    /// Version changes and training requests go to their owner.
+    pub versions: versions::Handle<B>,
+    /// A training run is in progress.
+    pub training: Arc<std::sync::atomic::AtomicBool>,
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// Admission of query encodes (`http.max_concurrent_encodes`).
+    pub encodes: Arc<tokio::sync::Semaphore>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+type AppState<B> = Arc<Api<B>>;
 
 /// Serves until the daemon is cancelled.
 pub async fn serve<B: Backend>(shared: AppState<B>, listener: tokio::net::TcpListener)
@@ -302,7 +331,7 @@ struct SearchRequest {
 /// most `http.max_body_bytes`): a server that closed on an unread body would reset the
 /// connection under a client still sending, and it would never see the 503.
 async fn admitted<B: Backend, T: DeserializeOwned>(
-    shared: &Shared<B>,
+    shared: &Api<B>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(tokio::sync::OwnedSemaphorePermit, T), ApiError> {
@@ -397,7 +426,7 @@ fn decode_b64(text: &str, field: &str) -> Result<Vec<u8>, ApiError> {
 
 /// A text query is compared with image vectors, an image query with caption vectors.
 fn encode<B: Backend>(
-    shared: &Shared<B>,
+    shared: &Api<B>,
     embedder: &crate::model::Embedder<B>,
     query: Query,
 ) -> Result<(Vec<f32>, &'static str), ApiError> {
@@ -482,35 +511,55 @@ where
     Ok(Json(response))
 }
 
+/// Versions listed by `/v1/status` (the newest; every one is in the ledger).
+const STATUS_VERSIONS: usize = 50;
+
 async fn status<B: Backend>(
     State(shared): State<AppState<B>>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
     B::Device: Send + Sync,
 {
+    // Counters and single rows only: the cost does not grow with the corpus.
     let response = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
         let live = shared.live.load_full();
-        let state = shared.state_snapshot();
+        let ledger = shared
+            .store
+            .daemon_ledger()
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::busy("starting"))?;
         let stats = shared.store.stats().map_err(ApiError::internal)?;
         let index_versions = shared.index.versions().map_err(ApiError::internal)?;
-        let backlog = stats.last_seq.saturating_sub(state.embed_cursor);
-        let backlog_samples = shared
+        let backlog = stats.last_seq.saturating_sub(ledger.live.embed_cursor);
+        let last_run = shared
             .store
-            .page_since(state.embed_cursor, 100_000)
-            .map(|page| page.records.len())
-            .unwrap_or(backlog as usize);
-        let last_run = shared.last_run.lock().expect("run lock").clone();
+            .recent_runs(1)
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .next();
+        let versions: serde_json::Map<String, serde_json::Value> = shared
+            .store
+            .recent_versions(STATUS_VERSIONS)
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .map(|(v, record)| (v.to_string(), json!(record)))
+            .collect();
         Ok(json!({
             "adapter_version": live.version,
+            "adapter_id": live.adapter_id,
             "adapter_metrics": live.metrics,
             "index_versions": index_versions,
+            "index_live": shared.index.live().ok().flatten(),
             "index_points": shared.index.count(live.version).ok(),
             "samples": stats,
-            "backlog": backlog_samples,
+            "backlog": backlog,
             "training": shared.training.load(Ordering::SeqCst),
-            "promotion": state.reindex,
+            "promotion": ledger.promotion,
+            "live": ledger.live,
+            "best_version": ledger.training.best,
+            "gate_slice": ledger.slice.map(|s| json!({"number": s.number, "id": s.id, "samples": s.samples.len()})),
             "last_run": last_run,
-            "versions": state.versions,
+            "versions": versions,
         }))
     })
     .await
@@ -526,9 +575,13 @@ struct TrainRequest {}
 async fn train<B: Backend>(
     State(shared): State<AppState<B>>,
     _: JsonBody<TrainRequest>,
-) -> (StatusCode, Json<serde_json::Value>) {
-    shared.update_state(|state| state.train_requested = true);
-    (StatusCode::ACCEPTED, Json(json!({"requested": true})))
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    shared
+        .versions
+        .request_training()
+        .await
+        .map_err(ApiError::from_versions)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"requested": true}))))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -546,10 +599,11 @@ where
     B::Device: Send + Sync,
 {
     let to = request.and_then(|r| r.to);
-    let version = tokio::task::spawn_blocking(move || super::rollback(&shared, to))
+    let version = shared
+        .versions
+        .rollback(to)
         .await
-        .map_err(ApiError::internal)?
-        .map_err(|message| ApiError::new(StatusCode::CONFLICT, message))?;
+        .map_err(ApiError::from_versions)?;
     Ok(Json(json!({"adapter_version": version})))
 }
 
@@ -605,7 +659,7 @@ where
     };
     let released = tokio::task::spawn_blocking(move || {
         let released = shared.store.release(ids.as_deref())?;
-        crate::train::continual::report_quarantine(&shared.store);
+        crate::stored::report_quarantine(&shared.store);
         Ok::<_, crate::store::StoreError>(released)
     })
     .await

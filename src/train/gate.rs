@@ -1,0 +1,232 @@
+//! The promotion gate: a candidate serves only if, on a fixed, bounded, versioned slice of
+//! validation samples, its mR comes within `gate.mr_tolerance` of both the live version and
+//! the best version promoted so far (so promotions cannot drift down by a tolerance each).
+//!
+//! The slice mixes old and new validation samples: half the newest, half a seeded uniform
+//! draw of the older ones. It is rebuilt (a new number and identity) when the validation set
+//! has grown by a quarter of the slice; until then every evaluation of an adapter on it is
+//! cached in the ledger, so a run evaluates the candidate only (the live and best versions
+//! once per slice). Every read is bounded by the slice size, never by the corpus.
+
+use std::collections::BTreeMap;
+
+use crate::config::GateSection;
+use crate::model::clip::mix_seed;
+use crate::store::ledger::GateSlice;
+use crate::store::{SampleSplit, Store, StoreError};
+
+/// Fewest slice samples for which `tolerance` (mR points) is a meaningful margin.
+///
+/// mR averages six recalls; a single image whose image→text retrieval flips at every K moves
+/// three of them by 100/n points, i.e. mR by 50/n. A decision within a tolerance of less than
+/// four such steps turns on two or three images: noise. So n ≥ 200 / tolerance (400 for the
+/// default 0.5, 2 for a tolerance of 100 that only screens out broken candidates).
+pub fn required_slice(tolerance: f64) -> usize {
+    if tolerance <= 0.0 {
+        // Zero tolerance: any size is exact about "not worse"; ask for the default's size.
+        return required_slice(0.5);
+    }
+    ((200.0 / tolerance).ceil() as usize).max(2)
+}
+
+/// The slice size a decision needs under `config`.
+pub fn min_slice(config: &GateSection) -> usize {
+    config
+        .min_val_samples
+        .unwrap_or_else(|| required_slice(config.mr_tolerance))
+}
+
+/// The slice to evaluate on: `current` while it is still representative, else a rebuilt one
+/// (`true` when rebuilt). `None` while there are no validation samples.
+pub fn slice_for_run(
+    store: &Store,
+    current: Option<&GateSlice>,
+    size: usize,
+    seed: u64,
+) -> Result<Option<(GateSlice, bool)>, StoreError> {
+    let val = store.split_len(SampleSplit::Val)?;
+    if val == 0 {
+        return Ok(current.map(|s| (s.clone(), false)));
+    }
+    let size = size.max(2);
+    if let Some(slice) = current {
+        let grown = val.saturating_sub(slice.val_upto);
+        let stale = grown > 0 && (slice.samples.len() < size || grown >= (size as u64 / 4).max(1));
+        if !stale {
+            return Ok(Some((slice.clone(), false)));
+        }
+    }
+    let number = current.map_or(1, |s| s.number + 1);
+    let ids = if val <= size as u64 {
+        store.split_ids(SampleSplit::Val, 0..val)?
+    } else {
+        let newest = (size / 2) as u64;
+        let older = val - newest;
+        let mut ids = store.split_ids(SampleSplit::Val, older..val)?;
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(mix_seed(seed, number));
+        let drawn = rand::seq::index::sample(&mut rng, older as usize, size - newest as usize);
+        ids.extend(store.split_ids(SampleSplit::Val, drawn.into_iter().map(|i| i as u64))?);
+        ids
+    };
+    Ok(Some((GateSlice::new(number, val, ids), true)))
+}
+
+/// mR of named metrics (NaN when absent).
+pub fn mr(metrics: &BTreeMap<String, f64>) -> f64 {
+    metrics.get("mr").copied().unwrap_or(f64::NAN)
+}
+
+/// What the gate decided, in words for the run log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub promote: bool,
+    pub decision: String,
+}
+
+/// One side of a comparison: a version and its mR on the slice.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Side {
+    pub version: u64,
+    pub mr: f64,
+}
+
+/// The gate's rule. `candidate` is the candidate's slice mR (ignored when a loss was not
+/// finite); `slice_len` the samples it was measured on.
+pub fn decide(
+    finite: bool,
+    slice_len: usize,
+    config: &GateSection,
+    candidate: f64,
+    live: Side,
+    best: Option<Side>,
+) -> Verdict {
+    let tolerance = config.mr_tolerance;
+    let needed = min_slice(config);
+    let verdict = |promote, decision: String| Verdict { promote, decision };
+    if !finite {
+        return verdict(false, "rejected: a loss was not finite".into());
+    }
+    if slice_len < needed {
+        return verdict(
+            false,
+            format!(
+                "kept: the gate slice has {slice_len} val samples, fewer than the {needed} a tolerance of {tolerance} mR needs"
+            ),
+        );
+    }
+    if !candidate.is_finite() || candidate < live.mr - tolerance {
+        return verdict(
+            false,
+            format!(
+                "rejected: mR regressed: {candidate:.2} below live v{} {:.2} minus tolerance {tolerance}",
+                live.version, live.mr
+            ),
+        );
+    }
+    if let Some(best) = best
+        && candidate < best.mr - tolerance
+    {
+        return verdict(
+            false,
+            format!(
+                "rejected: mR regressed: {candidate:.2} below best v{} {:.2} minus tolerance {tolerance}",
+                best.version, best.mr
+            ),
+        );
+    }
+    let best_text = best.map_or(String::new(), |b| {
+        format!(", best v{} {:.2}", b.version, b.mr)
+    });
+    verdict(
+        true,
+        format!(
+            "promoted: slice mR {candidate:.2} vs live v{} {:.2}{best_text}",
+            live.version, live.mr
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(tolerance: f64) -> GateSection {
+        GateSection {
+            mr_tolerance: tolerance,
+            ..GateSection::default()
+        }
+    }
+
+    #[test]
+    fn the_slice_size_follows_the_tolerance() {
+        assert_eq!(required_slice(0.5), 400);
+        assert_eq!(required_slice(100.0), 2);
+        assert_eq!(required_slice(1.0), 200);
+        assert_eq!(required_slice(0.0), 400);
+        let explicit = GateSection {
+            min_val_samples: Some(1000),
+            ..gate(0.5)
+        };
+        assert_eq!(min_slice(&explicit), 1000);
+    }
+
+    #[test]
+    fn a_candidate_within_tolerance_of_live_but_not_of_best_is_refused() {
+        let live = Side {
+            version: 3,
+            mr: 40.0,
+        };
+        let best = Side {
+            version: 2,
+            mr: 45.0,
+        };
+        let v = decide(true, 500, &gate(0.5), 39.8, live, Some(best));
+        assert!(!v.promote);
+        assert!(v.decision.contains("below best v2"), "{}", v.decision);
+        // Within tolerance of both: promoted.
+        let v = decide(true, 500, &gate(0.5), 44.6, live, Some(best));
+        assert!(v.promote, "{}", v.decision);
+        // Below live: the live comparison names it.
+        let v = decide(true, 500, &gate(0.5), 39.0, live, None);
+        assert!(!v.promote && v.decision.contains("below live v3"));
+        // Too small a slice for the tolerance: kept.
+        let v = decide(true, 100, &gate(0.5), 50.0, live, Some(best));
+        assert!(
+            !v.promote && v.decision.starts_with("kept"),
+            "{}",
+            v.decision
+        );
+        // Not finite.
+        let v = decide(false, 500, &gate(0.5), 50.0, live, None);
+        assert!(!v.promote && v.decision.contains("not finite"));
+        let v = decide(true, 500, &gate(0.5), f64::NAN, live, None);
+        assert!(!v.promote);
+    }
+
+    #[test]
+    fn ten_promotions_each_within_tolerance_of_live_cannot_drift_past_one_tolerance() {
+        let config = gate(0.5);
+        let mut live = Side {
+            version: 0,
+            mr: 50.0,
+        };
+        let mut best = live;
+        for version in 1..=10 {
+            // Each candidate is just inside the live tolerance.
+            let candidate = live.mr - 0.49;
+            let v = decide(true, 1000, &config, candidate, live, Some(best));
+            if v.promote {
+                live = Side {
+                    version,
+                    mr: candidate,
+                };
+                if candidate > best.mr {
+                    best = live;
+                }
+            }
+        }
+        assert!(live.mr >= best.mr - 0.5, "drifted to {}", live.mr);
+        assert!(live.mr >= 49.5);
+    }
+}

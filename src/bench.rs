@@ -227,3 +227,44 @@ pub fn ranking_seconds(dim: usize, seed: u64) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+/// Commits `samples` synthetic samples to `store` (unique 4×4 PNGs, one caption each) in
+/// commits of `batch`, through [`crate::store::Store::commit_batch`]: the ledger of a large
+/// corpus for the daemon's benchmarks.
+pub fn fill_store(
+    store: &crate::store::Store,
+    samples: u64,
+    batch: usize,
+) -> Result<(), crate::store::StoreError> {
+    use crate::store::{NewSample, StoreOp};
+    let mut next = 0u64;
+    while next < samples {
+        let end = (next + batch.max(1) as u64).min(samples);
+        let ops: Vec<StoreOp> = (next..end)
+            .map(|i| {
+                let bytes = i.to_le_bytes();
+                let image = image::RgbImage::from_fn(4, 4, |x, y| {
+                    let k = (y * 4 + x) as usize % 8;
+                    image::Rgb([bytes[k], bytes[(k + 1) % 8], (x * 64 + y) as u8])
+                });
+                let mut png = Vec::new();
+                image::DynamicImage::ImageRgb8(image)
+                    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .expect("in-memory PNG");
+                StoreOp::Sample(NewSample::new(
+                    png,
+                    vec![format!("synthetic tile number {i}")],
+                    serde_json::Map::new(),
+                    "import".into(),
+                    format!("synthetic/{i}"),
+                    "png".into(),
+                    4,
+                    4,
+                ))
+            })
+            .collect();
+        store.commit_batch(&ops)?;
+        next = end;
+    }
+    Ok(())
+}

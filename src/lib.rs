@@ -16,6 +16,7 @@
 //! - [`http`]: the API (search, embed, status, train, rollback, quarantine, metrics)
 //! - [`daemon`]: `rsitrd run`: wiring, readiness, watchdog, graceful shutdown
 //! - [`eval`]: R@K / mR with pessimistic ties
+//! - [`embed`]: the `rsitrd embed` contract (one JSON line per input)
 //! - [`bench`]: embedding and training throughput measurements
 //! - [`client`]: operator commands through the daemon's API, or offline when it is stopped
 
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod embed;
 pub mod eval;
 pub mod http;
 pub mod index;

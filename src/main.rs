@@ -1,6 +1,5 @@
 //! The `rsitrd` command line: parses arguments, sets up logging, calls into the library.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -12,7 +11,7 @@ use rsitrd::data::{Dataset, Split};
 use rsitrd::model::LossKind;
 use rsitrd::model::config::backbone_params;
 use rsitrd::model::device::DeviceChoice;
-use rsitrd::model::preprocess::{ImageLimits, load_image};
+
 use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, hub};
 use rsitrd::train::offline::{self, TrainConfig};
 use rsitrd::{bench, with_backend};
@@ -214,6 +213,15 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         latency_messages: usize,
     },
+    /// Fill the configured store with synthetic samples (tiny unique PNGs, one caption each)
+    /// through the store's own commit path: a corpus-scale ledger for benchmarks.
+    FillStore {
+        #[arg(long)]
+        samples: u64,
+        /// Samples per commit.
+        #[arg(long, default_value_t = 10_000)]
+        batch: usize,
+    },
     /// Write a random-weight CLIP in the HuggingFace layout (for full-size benchmarks without
     /// downloading weights): config.json from --like, model.safetensors random.
     RandomModel {
@@ -305,7 +313,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let order = input_order(sub, images.len(), texts.len());
             let model = hub::resolve_model(&model_of(model))?;
             let adapter = adapter.or_else(|| config.model.adapter.clone());
-            let job = EmbedJob {
+            let job = rsitrd::embed::EmbedJob {
                 model: &model,
                 adapter: adapter.as_deref(),
                 images: &images,
@@ -314,7 +322,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 max_pixels: pixels_of(max_pixels),
                 batch_size: config.model.embed_batch_size,
             };
-            with_backend!(device_of(device), B, device => embed::<B>(&device, &job))
+            with_backend!(device_of(device), B, device => rsitrd::embed::embed_lines::<B>(&device, &job, &mut std::io::stdout().lock()))
         }
         Command::Train {
             model,
@@ -423,6 +431,16 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics))
         }
         Command::Rollback { to } => rollback_command(&config, to),
+        Command::FillStore { samples, batch } => {
+            let store = open_store(&config)?;
+            let started = std::time::Instant::now();
+            rsitrd::bench::fill_store(&store, samples, batch)?;
+            println!(
+                "{}",
+                serde_json::json!({"samples": samples, "seconds": started.elapsed().as_secs_f64()})
+            );
+            Ok(())
+        }
         Command::RandomModel { like, out, seed } => {
             rsitrd::model::weights::write_random_model(&like, &out, seed)?;
             println!("{}", out.display());
@@ -477,7 +495,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 }
             }
             let captions = match captions {
-                Some(path) => karpathy_captions(&path)?,
+                Some(path) => Dataset::captions(&path)?,
                 None => Vec::new(),
             };
             let options = bench::BenchOptions {
@@ -721,80 +739,6 @@ fn input_order(matches: &ArgMatches, images: usize, texts: usize) -> Vec<(bool, 
         .into_iter()
         .map(|(_, is_image, i)| (is_image, i))
         .collect()
-}
-
-/// The inputs of `rsitrd embed`.
-struct EmbedJob<'a> {
-    model: &'a Path,
-    adapter: Option<&'a Path>,
-    images: &'a [PathBuf],
-    texts: &'a [String],
-    /// (is_image, index) in command-line order.
-    order: &'a [(bool, usize)],
-    max_pixels: u64,
-    batch_size: usize,
-}
-
-fn embed<B: Backend>(device: &B::Device, job: &EmbedJob<'_>) -> Result<()> {
-    let EmbedJob {
-        model,
-        adapter,
-        images,
-        texts,
-        order,
-        max_pixels,
-        batch_size,
-    } = *job;
-    if images.is_empty() && texts.is_empty() {
-        bail!("nothing to embed: give at least one --image or --text");
-    }
-    let mut embedder = Embedder::<B>::load(model, adapter, device)?;
-    embedder.batch_size = batch_size;
-    let size = embedder.image_size();
-    let pixels: Vec<Vec<f32>> = images
-        .iter()
-        .map(|path| {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("cannot read image {}", path.display()))?;
-            Ok(load_image(
-                &bytes,
-                &path.display().to_string(),
-                &ImageLimits::with_max_pixels(max_pixels),
-                size,
-            )?)
-        })
-        .collect::<Result<_>>()?;
-    let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
-    let image_embeddings = embedder.embed_pixels(&refs);
-    let text_embeddings = embedder.embed_texts(texts);
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for &(is_image, index) in order {
-        let line = if is_image {
-            serde_json::json!({"kind": "image", "input": images[index].display().to_string(),
-                "embedding": image_embeddings[index]})
-        } else {
-            serde_json::json!({"kind": "text", "input": texts[index],
-                "embedding": text_embeddings[index]})
-        };
-        writeln!(out, "{line}")?;
-    }
-    Ok(())
-}
-
-/// Every caption (`raw`) of a Karpathy-format dataset file.
-fn karpathy_captions(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)?;
-    let captions = value["images"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|image| image["sentences"].as_array().into_iter().flatten())
-        .filter_map(|sentence| sentence["raw"].as_str().map(str::to_string))
-        .collect();
-    Ok(captions)
 }
 
 fn eval_command<B: Backend>(

@@ -688,3 +688,106 @@ fn sigterm_during_training_is_not_an_error() {
     assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     assert!(log.contains("training run cancelled by shutdown"), "{log}");
 }
+
+/// Promotions and rollbacks through the API with a SIGKILL at a random point of each round
+/// (mid training, mid re-embed, mid switch): after every restart the ledger's live pointer,
+/// the index's live pointer and the served adapter name one version, and that version's
+/// recorded adapter is the one served.
+#[test]
+fn sigkill_at_random_points_of_promotions_and_rollbacks_leaves_one_live_version() {
+    use rand::{Rng, SeedableRng};
+    let temp = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::new(
+        temp.path(),
+        &[
+            ("RSITRD__GATE__MR_TOLERANCE", "100"),
+            ("RSITRD__TRAINING__STEPS", "2"),
+            ("RSITRD__INDEX__EMBED_BATCH", "2"),
+            ("RSITRD__INDEX__KEEP_VERSIONS", "3"),
+        ],
+    );
+    daemon.start();
+    let staging = temp.path().join("staging");
+    let mut samples = feed_rs_mini(&daemon.env.inbox, &staging);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (mut versions_seen, mut rounds_with_promotion) = (std::collections::BTreeSet::new(), 0);
+    for round in 0..12u32 {
+        // Two new training-eligible samples per round, so every run has something new.
+        for i in 0..2 {
+            let seed = 5000 + round * 2 + i;
+            let name = format!("k{seed}");
+            std::fs::write(
+                staging.join(format!("{name}.png")),
+                common::ingest::synthetic_png(seed, 24),
+            )
+            .unwrap();
+            std::fs::write(
+                staging.join(format!("{name}.txt")),
+                format!("tile {seed}\n"),
+            )
+            .unwrap();
+            for ext in ["txt", "png"] {
+                std::fs::rename(
+                    staging.join(format!("{name}.{ext}")),
+                    daemon.env.inbox.join(format!("{name}.{ext}")),
+                )
+                .unwrap();
+            }
+        }
+        samples += 2;
+        wait_for(
+            Duration::from_secs(60),
+            "the round's samples stored",
+            || daemon.get("/v1/status").1["samples"]["samples"] == samples,
+        );
+        assert_eq!(daemon.post("/v1/train", &json!({})).0, 202);
+        if rng.random_bool(0.5) {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
+            let (code, body) = daemon.post("/v1/rollback", &json!({}));
+            assert!([200, 409].contains(&code), "rollback: {code} {body}");
+        }
+        let promoting = {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..2500)));
+            !daemon.get("/v1/status").1["promotion"].is_null()
+        };
+        rounds_with_promotion += usize::from(promoting);
+        daemon.process.as_mut().unwrap().kill9();
+        daemon.start();
+        // Between the owner's turns the three agree; a switch in flight at the first status
+        // call completes within a turn.
+        wait_for(
+            Duration::from_secs(30),
+            "ledger, index and model agree",
+            || {
+                let (_, status) = daemon.get("/v1/status");
+                let live = status["adapter_version"].clone();
+                let record = &status["versions"][live.to_string()];
+                let recorded = record["adapter"]["blake3"]
+                    .as_str()
+                    .unwrap_or("untrained")
+                    .to_string();
+                status["live"]["version"] == live
+                    && status["index_live"] == live
+                    && status["adapter_id"] == recorded.as_str()
+            },
+        );
+        let (_, status) = daemon.get("/v1/status");
+        versions_seen.insert(status["adapter_version"].as_u64().unwrap());
+        // Searches answer with the one live version.
+        let (code, found) = daemon.post("/v1/search", &json!({"text": "a river", "k": 3}));
+        assert_eq!(code, 200, "{found}");
+        assert_eq!(found["adapter_version"], status["adapter_version"]);
+        for hit in found["results"].as_array().unwrap() {
+            assert_eq!(hit["adapter_version"], status["adapter_version"]);
+        }
+    }
+    assert!(
+        versions_seen.len() >= 3,
+        "versions served: {versions_seen:?}"
+    );
+    assert!(
+        rounds_with_promotion >= 1,
+        "at least one kill fell mid-promotion"
+    );
+    daemon.process.as_mut().unwrap().stop();
+}

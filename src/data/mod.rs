@@ -119,6 +119,27 @@ impl Dataset {
         }
     }
 
+    /// Every caption of a dataset's annotations, without looking at its images (text
+    /// inputs for benchmarks): the same parsers as [`Dataset::load`].
+    pub fn captions(source: &Path) -> Result<Vec<String>, DatasetReport> {
+        let mut problems = Vec::new();
+        let images = if source.is_dir() {
+            parse_precomp(source, &mut problems)
+        } else {
+            parse_karpathy(source, &mut problems)
+        };
+        if !problems.is_empty() {
+            return Err(DatasetReport {
+                source: source.to_path_buf(),
+                problems,
+            });
+        }
+        Ok(images
+            .into_iter()
+            .flat_map(|image| image.captions)
+            .collect())
+    }
+
     /// Images of one split.
     pub fn split(&self, split: Split) -> Vec<&DatasetImage> {
         self.images.iter().filter(|i| i.split == split).collect()

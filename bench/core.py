@@ -87,15 +87,17 @@ def swap(args):
     dataset = json.load(open(os.path.join(args.rs_mini, "dataset.json")))["images"]
     inbox = f"{work}/inbox"
     env = dict(RSITRD__MODEL__DIR=args.model, RSITRD__STORE__DIR=f"{work}/data",
-               RSITRD__INBOX__DIR=inbox, RSITRD__INBOX__SETTLE="100ms",
+               RSITRD__INBOX__ENABLED="true", RSITRD__INBOX__DIR=inbox, RSITRD__INBOX__SETTLE="100ms",
                RSITRD__STORE__VAL_FRACTION="0.3", RSITRD__TRAINING__MIN_NEW_SAMPLES="100000",
                RSITRD__TRAINING__STEPS=str(args.steps), RSITRD__TRAINING__BATCH_SIZE="4",
-               RSITRD__GATE__MR_TOLERANCE="100", RSITRD__INDEX__KEEP_VERSIONS="3")
+               RSITRD__GATE__MR_TOLERANCE="100", RSITRD__INDEX__KEEP_VERSIONS="3",
+               RSITRD__HTTP__MAX_CONCURRENT_ENCODES="8")
     daemon, base, startup = start(args.bin, env, f"{work}/daemon.log")
     report = {"model": args.model, "startup_s": round(startup, 2)}
     try:
         staging = f"{work}/staging"
         os.makedirs(staging)
+        os.makedirs(inbox, exist_ok=True)
         for image in dataset:
             stem, ext = os.path.splitext(image["filename"])
             shutil.copy(os.path.join(args.rs_mini, "images", image["filename"]), staging)

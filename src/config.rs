@@ -207,6 +207,28 @@ pub struct GateSection {
     pub slice_size: usize,
 }
 
+/// Fewest slice samples for which `tolerance` (mR points) is a meaningful margin.
+///
+/// mR averages six recalls; a single image whose image→text retrieval flips at every K moves
+/// three of them by 100/n points, i.e. mR by 50/n. A decision within a tolerance of less than
+/// four such steps turns on two or three images: noise. So n ≥ 200 / tolerance (400 for the
+/// default 0.5, 2 for a tolerance of 100 that only screens out broken candidates).
+pub fn required_slice(tolerance: f64) -> usize {
+    if tolerance <= 0.0 {
+        // Zero tolerance: any size is exact about "not worse"; ask for the default's size.
+        return required_slice(0.5);
+    }
+    ((200.0 / tolerance).ceil() as usize).max(2)
+}
+
+impl GateSection {
+    /// The slice size a decision needs: `min_val_samples`, else [`required_slice`].
+    pub fn min_slice(&self) -> usize {
+        self.min_val_samples
+            .unwrap_or_else(|| required_slice(self.mr_tolerance))
+    }
+}
+
 fn default_mr_tolerance() -> f64 {
     0.5
 }
@@ -534,7 +556,7 @@ pub struct ModelSection {
     /// Adapter checkpoint (`rsitrd train` output); none = the untrained adapter.
     #[serde(default)]
     pub adapter: Option<PathBuf>,
-    /// Where the daemon writes its candidate adapters (`vN.safetensors`) and run log
+    /// Where the daemon writes its candidate adapters (`vN-HASH.safetensors`) and run log
     /// (`runs.jsonl`); none = `<store.dir>/adapters`.
     #[serde(default)]
     pub adapter_dir: Option<PathBuf>,
@@ -720,7 +742,7 @@ impl Config {
         if self.gate.mr_tolerance.is_nan() || self.gate.mr_tolerance < 0.0 {
             return Err("gate.mr_tolerance must be >= 0".into());
         }
-        let required = crate::train::gate::required_slice(self.gate.mr_tolerance);
+        let required = required_slice(self.gate.mr_tolerance);
         if let Some(min) = self.gate.min_val_samples
             && min < required
         {

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`config`]: the configuration file, defaults and `RSITRD__SECTION__KEY` overrides
+//! - [`durable`]: atomic, fsynced file replacement
 //! - [`data`]: dataset formats (Karpathy JSON, AMFMN precomp), validation, image loading
 //! - [`model`]: CLIP towers, MRS-Adapter, HMMC loss, tokenizer, preprocessing, weights, devices
 //! - [`train`]: the adapter training step, the offline trainer, the daemon's trigger and gate
@@ -25,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod durable;
 pub mod embed;
 pub mod eval;
 pub mod http;

@@ -191,7 +191,7 @@ impl Rig {
             }),
         ];
         self.handle
-            .submit_candidate(version, changes, Some(embedder))
+            .submit_candidate(version, ledger.live.version, changes, Some(embedder))
             .map(|()| version)
     }
 }

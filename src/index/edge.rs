@@ -274,7 +274,7 @@ impl VectorIndex for EdgeIndex {
 
     fn set_live(&self, version: u64) -> Result<(), IndexError> {
         let path = self.root.join(LIVE_FILE);
-        crate::model::weights::write_atomically(&path, format!("{version}\n").as_bytes())
+        crate::durable::write_atomically(&path, format!("{version}\n").as_bytes())
             .map_err(|error| IndexError::Io { path, error })
     }
 

@@ -15,25 +15,13 @@ use crate::model::clip::mix_seed;
 use crate::store::ledger::GateSlice;
 use crate::store::{SampleSplit, Store, StoreError};
 
-/// Fewest slice samples for which `tolerance` (mR points) is a meaningful margin.
-///
-/// mR averages six recalls; a single image whose image→text retrieval flips at every K moves
-/// three of them by 100/n points, i.e. mR by 50/n. A decision within a tolerance of less than
-/// four such steps turns on two or three images: noise. So n ≥ 200 / tolerance (400 for the
-/// default 0.5, 2 for a tolerance of 100 that only screens out broken candidates).
-pub fn required_slice(tolerance: f64) -> usize {
-    if tolerance <= 0.0 {
-        // Zero tolerance: any size is exact about "not worse"; ask for the default's size.
-        return required_slice(0.5);
-    }
-    ((200.0 / tolerance).ceil() as usize).max(2)
-}
+/// Fewest slice samples for which `tolerance` (mR points) is a meaningful margin
+/// (the rule lives with the configuration, which refuses a smaller `gate.min_val_samples`).
+pub use crate::config::required_slice;
 
 /// The slice size a decision needs under `config`.
 pub fn min_slice(config: &GateSection) -> usize {
-    config
-        .min_val_samples
-        .unwrap_or_else(|| required_slice(config.mr_tolerance))
+    config.min_slice()
 }
 
 /// The slice to evaluate on: `current` while it is still representative, else a rebuilt one

@@ -192,7 +192,12 @@ impl<B: Backend> Trainer<B> {
                 };
                 return self
                     .versions
-                    .submit_candidate(version, vec![LedgerChange::Training(progress)], None)
+                    .submit_candidate(
+                        version,
+                        parent,
+                        vec![LedgerChange::Training(progress)],
+                        None,
+                    )
                     .map_err(|e| ContinualError::Versions(e.to_string()));
             }
             Err(error) => return Err(error),
@@ -364,7 +369,7 @@ impl<B: Backend> Trainer<B> {
         embedder.adapter_meta = Some(meta);
         let promote = verdict.promote.then_some(embedder);
         self.versions
-            .submit_candidate(version, changes, promote)
+            .submit_candidate(version, parent, changes, promote)
             .map_err(|e| ContinualError::Versions(e.to_string()))?;
         append_run_log(&self.adapters_dir.join("runs.jsonl"), &run);
         let label = if verdict.promote {

@@ -73,6 +73,8 @@ pub enum Command<B: Backend> {
     /// slice, evaluations), committed together, and the candidate when the gate promoted it.
     Candidate {
         version: u64,
+        /// The live version the candidate was trained from.
+        parent: u64,
         changes: Vec<LedgerChange>,
         promote: Option<Box<Embedder<B>>>,
         reply: oneshot::Sender<Result<(), VersionError>>,
@@ -162,15 +164,19 @@ impl<B: Backend> Handle<B> {
         })
     }
 
-    /// From a blocking thread (the trainer): hands over a finished run.
+    /// From a blocking thread (the trainer): hands over a finished run trained from
+    /// `parent`. A promotion is refused (409, nothing committed) if `parent` no longer serves:
+    /// the run is redone from the version that does.
     pub fn submit_candidate(
         &self,
         version: u64,
+        parent: u64,
         changes: Vec<LedgerChange>,
         promote: Option<Embedder<B>>,
     ) -> Result<(), VersionError> {
         self.ask_blocking(|reply| Command::Candidate {
             version,
+            parent,
             changes,
             promote: promote.map(Box::new),
             reply,
@@ -497,11 +503,12 @@ impl<B: Backend> Owner<B> {
         match command {
             Command::Candidate {
                 version,
+                parent,
                 changes,
                 promote,
                 reply,
             } => {
-                let _ = reply.send(self.candidate(version, changes, promote.map(|e| *e)));
+                let _ = reply.send(self.candidate(version, parent, changes, promote.map(|e| *e)));
             }
             Command::Rollback { to, reply } => {
                 let _ = reply.send(self.rollback(to));
@@ -525,6 +532,7 @@ impl<B: Backend> Owner<B> {
     fn candidate(
         &mut self,
         version: u64,
+        parent: u64,
         mut changes: Vec<LedgerChange>,
         promote: Option<Embedder<B>>,
     ) -> Result<(), VersionError> {
@@ -533,6 +541,12 @@ impl<B: Backend> Owner<B> {
                 return Err(VersionError::Conflict(
                     "a promotion is already in progress".into(),
                 ));
+            }
+            Some(_) if parent != self.ledger.live.version => {
+                return Err(VersionError::Conflict(format!(
+                    "the candidate was trained from v{parent}, but v{} serves now (rolled back meanwhile)",
+                    self.ledger.live.version
+                )));
             }
             Some(_) => {
                 self.index

@@ -315,7 +315,7 @@ fn concurrent_promotions_and_rollbacks_keep_ledger_index_and_serving_in_agreemen
     }
     stop.store(true, Ordering::SeqCst);
     let (answers, versions) = search.join().unwrap();
-    assert!(promoted >= 50, "{promoted} promotions");
+    assert!(promoted >= 25, "{promoted} promotions");
     assert!(rolled_back >= 20, "{rolled_back} rollbacks");
     assert!(refused > 0, "some rollbacks met a promotion in progress");
     assert!(

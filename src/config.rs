@@ -90,6 +90,41 @@ pub struct IndexSection {
     /// batch is made durable and its progress recorded).
     #[serde(default = "default_embed_batch_samples")]
     pub embed_batch: usize,
+    /// Remote: time limit of one request to the server (a server away or stuck fails fast:
+    /// searches answer 503, background writes back off and retry).
+    #[serde(default = "default_index_timeout", with = "humantime_serde_compat")]
+    pub timeout: std::time::Duration,
+    /// Remote: most points in one upsert request (larger batches are split, each one acknowledged
+    /// only once durable: `wait = true`).
+    #[serde(default = "default_upsert_points")]
+    pub upsert_points: usize,
+    /// Remote: write ordering of upserts, `weak`, `medium` (default: through a dynamically chosen
+    /// leader, consistent unless the leader changes) or `strong` (through the permanent
+    /// leader; unavailable while it is down).
+    #[serde(default = "default_write_ordering")]
+    pub write_ordering: String,
+    /// Remote: shards of each version's collection (none: the server's default).
+    #[serde(default)]
+    pub shard_number: Option<u32>,
+    /// Remote: copies of each shard on a cluster (none: the server's default, 1).
+    #[serde(default)]
+    pub replication_factor: Option<u32>,
+    /// Remote: replicas that must acknowledge a write (none: the server's default, 1).
+    #[serde(default)]
+    pub write_consistency_factor: Option<u32>,
+    /// Metadata keys people filter on, indexed as keywords (`metadata.KEY`) in every version.
+    #[serde(default)]
+    pub indexed_metadata: Vec<String>,
+}
+
+fn default_index_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_upsert_points() -> usize {
+    256
+}
+fn default_write_ordering() -> String {
+    "medium".into()
 }
 
 fn default_embed_batch_samples() -> usize {
@@ -122,6 +157,13 @@ impl Default for IndexSection {
             collection: default_collection(),
             keep_versions: default_keep_versions(),
             embed_batch: default_embed_batch_samples(),
+            timeout: default_index_timeout(),
+            upsert_points: default_upsert_points(),
+            write_ordering: default_write_ordering(),
+            shard_number: None,
+            replication_factor: None,
+            write_consistency_factor: None,
+            indexed_metadata: Vec::new(),
         }
     }
 }
@@ -741,6 +783,15 @@ impl Config {
         }
         if self.gate.mr_tolerance.is_nan() || self.gate.mr_tolerance < 0.0 {
             return Err("gate.mr_tolerance must be >= 0".into());
+        }
+        if !["weak", "medium", "strong"].contains(&self.index.write_ordering.as_str()) {
+            return Err(format!(
+                "index.write_ordering = {:?}: expected weak, medium or strong",
+                self.index.write_ordering
+            ));
+        }
+        if self.index.upsert_points == 0 {
+            return Err("index.upsert_points must be at least 1".into());
         }
         let required = required_slice(self.gate.mr_tolerance);
         if let Some(min) = self.gate.min_val_samples

@@ -78,6 +78,11 @@ impl ApiError {
     fn from_index(error: IndexError) -> Self {
         match error {
             IndexError::InvalidFilter(_) => Self::bad_request(error.to_string()),
+            // The server away or overloaded: fail fast, the client may retry.
+            IndexError::Unavailable(_) => {
+                metrics::counter!("rsitrd_index_errors_total", "stage" => "search").increment(1);
+                Self::busy(error.to_string())
+            }
             other => Self::internal(other),
         }
     }

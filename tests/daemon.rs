@@ -51,6 +51,16 @@ fn vector(value: &Value) -> Vec<f32> {
 
 #[test]
 fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
+    serves_trains_promotes_and_rolls_back(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
+    serves_trains_promotes_and_rolls_back(&common::daemon::server_backend());
+}
+
+fn serves_trains_promotes_and_rolls_back(backend: &[(String, String)]) {
     let temp = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::new(
         temp.path(),
@@ -59,6 +69,7 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
             ("RSITRD__HTTP__MAX_BODY_BYTES", "2000000"),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.env.amqp = true;
     daemon.start();
     let mut samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
@@ -369,6 +380,7 @@ fn daemon_serves_fresh_samples_trains_promotes_and_rolls_back() {
         let connection = common::ingest::broker().await;
         common::ingest::cleanup(&connection, &daemon.env.queue).await;
     });
+    common::daemon::drop_server_collections(backend);
 }
 
 #[test]
@@ -695,6 +707,16 @@ fn sigterm_during_training_is_not_an_error() {
 /// recorded adapter is the one served.
 #[test]
 fn sigkill_at_random_points_of_promotions_and_rollbacks_leaves_one_live_version() {
+    sigkill_during_promotions_and_rollbacks(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_sigkill_at_random_points_of_promotions_and_rollbacks_leaves_one_live_version() {
+    sigkill_during_promotions_and_rollbacks(&common::daemon::server_backend());
+}
+
+fn sigkill_during_promotions_and_rollbacks(backend: &[(String, String)]) {
     use rand::{Rng, SeedableRng};
     let temp = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::new(
@@ -706,6 +728,7 @@ fn sigkill_at_random_points_of_promotions_and_rollbacks_leaves_one_live_version(
             ("RSITRD__INDEX__KEEP_VERSIONS", "3"),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.start();
     let staging = temp.path().join("staging");
     let mut samples = feed_rs_mini(&daemon.env.inbox, &staging);
@@ -790,4 +813,5 @@ fn sigkill_at_random_points_of_promotions_and_rollbacks_leaves_one_live_version(
         "at least one kill fell mid-promotion"
     );
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(backend);
 }

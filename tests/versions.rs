@@ -262,12 +262,59 @@ fn searcher(
     })
 }
 
+/// The index settings of a Qdrant-server run: the server named by `RSITRD_TEST_QDRANT_URL`,
+/// a collection of the test's own.
+fn server() -> Vec<(&'static str, String)> {
+    let url = std::env::var("RSITRD_TEST_QDRANT_URL")
+        .expect("RSITRD_TEST_QDRANT_URL names a Qdrant server (gRPC, e.g. http://127.0.0.1:6334)");
+    vec![
+        ("RSITRD__INDEX__BACKEND", "remote".into()),
+        ("RSITRD__INDEX__URL", url),
+        (
+            "RSITRD__INDEX__COLLECTION",
+            common::ingest::unique("versions").replace(['.', '-'], "_"),
+        ),
+    ]
+}
+
+fn with(base: &[(&'static str, &'static str)], extra: &[(&'static str, String)]) -> Rig {
+    let mut env: Vec<(&str, &str)> = base.to_vec();
+    env.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+    rig(&env)
+}
+
+impl Rig {
+    /// Drops the versions a server run made (a shared server keeps no test's leftovers).
+    fn drop_all(&mut self) {
+        self.cancel.cancel();
+        if let Some(owner) = self.owner.take() {
+            owner.join().unwrap();
+        }
+        for version in self.index.versions().unwrap() {
+            self.index.drop_version(version).unwrap();
+        }
+    }
+}
+
 #[test]
 fn concurrent_promotions_and_rollbacks_keep_ledger_index_and_serving_in_agreement() {
-    let rig = rig(&[
-        ("RSITRD__INDEX__EMBED_BATCH", "8"),
-        ("RSITRD__INDEX__KEEP_VERSIONS", "3"),
-    ]);
+    concurrent_promotions_and_rollbacks(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_concurrent_promotions_and_rollbacks_keep_ledger_alias_and_serving_in_agreement() {
+    concurrent_promotions_and_rollbacks(&server());
+}
+
+fn concurrent_promotions_and_rollbacks(backend: &[(&'static str, String)]) {
+    let mut rig = with(
+        &[
+            ("RSITRD__INDEX__EMBED_BATCH", "8"),
+            ("RSITRD__INDEX__KEEP_VERSIONS", "3"),
+        ],
+        backend,
+    );
     rig.settle(Duration::from_secs(60));
     rig.assert_agree();
     let stop = Arc::new(AtomicBool::new(false));
@@ -322,11 +369,22 @@ fn concurrent_promotions_and_rollbacks_keep_ledger_index_and_serving_in_agreemen
         answers > 100 && versions.len() > 10,
         "{answers} answers over {versions:?}"
     );
+    rig.drop_all();
 }
 
 #[test]
 fn a_promotion_under_sustained_ingest_ends_and_holds_every_sample() {
-    let rig = rig(&[("RSITRD__INDEX__EMBED_BATCH", "4")]);
+    promotion_under_sustained_ingest(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_a_promotion_under_sustained_ingest_ends_and_holds_every_sample() {
+    promotion_under_sustained_ingest(&server());
+}
+
+fn promotion_under_sustained_ingest(backend: &[(&'static str, String)]) {
+    let mut rig = with(&[("RSITRD__INDEX__EMBED_BATCH", "4")], backend);
     rig.settle(Duration::from_secs(60));
     // Ingest as fast as the store commits, in the background.
     let stop = Arc::new(AtomicBool::new(false));
@@ -381,6 +439,7 @@ fn a_promotion_under_sustained_ingest_ends_and_holds_every_sample() {
         "every sample (and caption) ingested meanwhile is in the new version"
     );
     eprintln!("promotion under ingest: {took:?}, {ingested} samples ingested meanwhile");
+    rig.drop_all();
 }
 
 #[test]

@@ -21,10 +21,12 @@ use qdrant_edge::{
 
 use super::{
     Hit, IMAGE_VECTOR, IndexError, IndexPoint, MatchValue, PayloadFilter, TEXT_VECTOR, VectorIndex,
-    backend_error, match_conditions,
+    VersionInfo, backend_error, match_conditions,
 };
 
 const LIVE_FILE: &str = "LIVE";
+/// Beside each version's shard: what its vectors were made with.
+const INFO_FILE: &str = "rsitrd-version.json";
 
 struct Shard {
     shard: Arc<EdgeShard>,
@@ -105,11 +107,25 @@ fn condition(key: &str, value: MatchValue) -> Result<Condition, IndexError> {
 }
 
 impl VectorIndex for EdgeIndex {
-    fn ensure_version(&self, version: u64, dim: usize) -> Result<(), IndexError> {
+    fn ensure_version(
+        &self,
+        version: u64,
+        dim: usize,
+        info: &VersionInfo,
+    ) -> Result<(), IndexError> {
         let dir = version_dir(&self.root, version);
         if dir.join("edge_config.json").exists() {
             return Ok(());
         }
+        let info_path = self.root.join(format!("v{version}.{INFO_FILE}"));
+        crate::durable::write_atomically(
+            &info_path,
+            &serde_json::to_vec(info).expect("version info serializes"),
+        )
+        .map_err(|error| IndexError::Io {
+            path: info_path.clone(),
+            error,
+        })?;
         // A directory from a crash before the config was written holds nothing of value.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|error| IndexError::Io {
@@ -137,6 +153,15 @@ impl VectorIndex for EdgeIndex {
             }),
         );
         Ok(())
+    }
+
+    fn version_info(&self, version: u64) -> Result<Option<VersionInfo>, IndexError> {
+        let path = self.root.join(format!("v{version}.{INFO_FILE}"));
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(IndexError::Io { path, error }),
+        }
     }
 
     fn upsert(&self, version: u64, points: Vec<IndexPoint>) -> Result<(), IndexError> {
@@ -260,6 +285,7 @@ impl VectorIndex for EdgeIndex {
             drop(shard);
         }
         let dir = version_dir(&self.root, version);
+        let _ = std::fs::remove_file(self.root.join(format!("v{version}.{INFO_FILE}")));
         let result = match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -30,6 +30,10 @@ pub enum IndexError {
     InvalidFilter(String),
     #[error("index version v{0} does not exist")]
     MissingVersion(u64),
+    /// The server is away, too slow or refuses for now (connection, timeout, overload):
+    /// searches answer 503, background work backs off and retries.
+    #[error("index unavailable: {0}")]
+    Unavailable(String),
     #[error("index i/o on {path}: {error}")]
     Io {
         path: std::path::PathBuf,
@@ -43,6 +47,27 @@ pub(crate) fn backend_error(what: impl Into<String>, reason: impl std::fmt::Disp
         reason: reason.to_string(),
     }
 }
+
+/// What a version's vectors were made with, recorded with the version (a Qdrant server keeps
+/// it in the collection's metadata) so that a client can check which encoder it must use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct VersionInfo {
+    /// Fingerprint (BLAKE3) of the frozen backbone.
+    pub base_model: String,
+    /// BLAKE3 of the adapter checkpoint (`untrained` for plain CLIP).
+    pub adapter_id: String,
+}
+
+/// Payload fields with an index in every version (keyword unless noted), the ones people
+/// filter on; `metadata.KEY` for each of `index.indexed_metadata` is added.
+pub const INDEXED_FIELDS: &[(&str, bool)] = &[
+    ("sample_id", false),
+    ("kind", false),
+    ("split", false),
+    ("source", false),
+    ("adapter_version", true),
+    ("arrived_ms", true),
+];
 
 /// A point: id derived from the sample (idempotent upserts), one named vector, payload.
 #[derive(Debug, Clone)]
@@ -147,6 +172,8 @@ pub fn sample_points(
         payload.insert("kind".into(), kind.into());
         payload.insert("adapter_version".into(), version.into());
         payload.insert("split".into(), record.split.as_str().into());
+        payload.insert("source".into(), record.source.clone().into());
+        payload.insert("arrived_ms".into(), record.arrived_ms.into());
         payload.insert("metadata".into(), record.metadata.clone().into());
         payload
     };
@@ -160,6 +187,7 @@ pub fn sample_points(
     }];
     for (caption, vector) in record.captions.iter().zip(captions) {
         let mut payload = base("caption");
+        payload.insert("caption".into(), caption.clone().into());
         payload.insert("captions".into(), vec![caption.clone()].into());
         points.push(IndexPoint {
             id: caption_point_id(&record.id, caption),
@@ -188,8 +216,15 @@ pub fn open(
 
 /// A vector index with versions. Implementations are thread-safe; every call blocks.
 pub trait VectorIndex: Send + Sync {
-    /// Creates version `version` (vectors of `dim`) if absent.
-    fn ensure_version(&self, version: u64, dim: usize) -> Result<(), IndexError>;
+    /// Creates version `version` (vectors of `dim`, made as `info` says) if absent.
+    fn ensure_version(
+        &self,
+        version: u64,
+        dim: usize,
+        info: &VersionInfo,
+    ) -> Result<(), IndexError>;
+    /// What `version` was made with, as recorded at its creation.
+    fn version_info(&self, version: u64) -> Result<Option<VersionInfo>, IndexError>;
     /// Upserts points into `version`; durable when it returns.
     fn upsert(&self, version: u64, points: Vec<IndexPoint>) -> Result<(), IndexError>;
     /// Top `k` points of `vector_name` nearest to `query` in `version`.

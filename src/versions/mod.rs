@@ -372,7 +372,7 @@ impl<B: Backend> Owner<B> {
         let embedder = backbone.with_adapter(record.adapter.as_ref())?;
         let dim = backbone.projection_dim();
         let missing = !index.versions()?.contains(&version);
-        index.ensure_version(version, dim)?;
+        index.ensure_version(version, dim, &version_info(&backbone, &record))?;
         if missing && ledger.live.embed_cursor > 0 {
             // The index was deleted or lost (e.g. restored from a backup without it): rebuild
             // it from the store, which is the source of truth.
@@ -421,11 +421,19 @@ impl<B: Backend> Owner<B> {
         let record = self.store.version(promotion.version)?;
         let loaded = record
             .ok_or_else(|| VersionError::Other(format!("unknown version {}", promotion.version)))
-            .and_then(|record| Ok(self.backbone.with_adapter(record.adapter.as_ref())?));
+            .and_then(|record| {
+                Ok((
+                    self.backbone.with_adapter(record.adapter.as_ref())?,
+                    version_info(&self.backbone, &record),
+                ))
+            });
         match loaded {
-            Ok(embedder) => {
-                self.index
-                    .ensure_version(promotion.version, self.backbone.projection_dim())?;
+            Ok((embedder, info)) => {
+                self.index.ensure_version(
+                    promotion.version,
+                    self.backbone.projection_dim(),
+                    &info,
+                )?;
                 tracing::info!(
                     version = promotion.version,
                     cursor = promotion.cursor,
@@ -470,6 +478,7 @@ impl<B: Backend> Owner<B> {
             });
             let wait = match turn {
                 Ok(()) => {
+                    metrics::gauge!("rsitrd_index_available").set(1.0);
                     backoff = Duration::from_millis(500);
                     if worked {
                         continue;
@@ -477,6 +486,14 @@ impl<B: Backend> Owner<B> {
                     IDLE_POLL
                 }
                 Err(error) => {
+                    if matches!(
+                        error,
+                        VersionError::Index(crate::index::IndexError::Unavailable(_))
+                    ) {
+                        metrics::gauge!("rsitrd_index_available").set(0.0);
+                    }
+                    metrics::counter!("rsitrd_index_errors_total", "stage" => "background")
+                        .increment(1);
                     tracing::warn!(%error, retry_in = ?backoff, "index work failed");
                     let wait = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -548,9 +565,26 @@ impl<B: Backend> Owner<B> {
                     self.ledger.live.version
                 )));
             }
-            Some(_) => {
+            Some(embedder) => {
+                let info = crate::index::VersionInfo {
+                    base_model: self.backbone.base().fingerprint.clone(),
+                    adapter_id: changes
+                        .iter()
+                        .find_map(|change| match change {
+                            LedgerChange::Version(v, record) if *v == version => {
+                                Some(record.adapter_id().to_string())
+                            }
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| {
+                            embedder
+                                .adapter_meta
+                                .as_ref()
+                                .map_or("untrained".into(), |m| format!("v{}", m.version))
+                        }),
+                };
                 self.index
-                    .ensure_version(version, self.backbone.projection_dim())?;
+                    .ensure_version(version, self.backbone.projection_dim(), &info)?;
                 Some(Promotion {
                     version,
                     stop_at: self.ledger.live.embed_cursor,
@@ -758,6 +792,17 @@ impl<B: Backend> Owner<B> {
             "promoted: serving the new adapter and index version"
         );
         Ok(())
+    }
+}
+
+/// What a version's vectors are made with, for the index's record of it.
+fn version_info<B: Backend>(
+    backbone: &Backbone<B>,
+    record: &VersionRecord,
+) -> crate::index::VersionInfo {
+    crate::index::VersionInfo {
+        base_model: backbone.base().fingerprint.clone(),
+        adapter_id: record.adapter_id().to_string(),
     }
 }
 

@@ -186,3 +186,45 @@ impl Reply {
             .to_string()
     }
 }
+
+/// The index settings of a Qdrant-server run (`RSITRD_TEST_QDRANT_URL`), with a collection of
+/// the test's own; push them into `Daemon::env.extra`.
+pub fn server_backend() -> Vec<(String, String)> {
+    let url = std::env::var("RSITRD_TEST_QDRANT_URL")
+        .expect("RSITRD_TEST_QDRANT_URL names a Qdrant server (gRPC, e.g. http://127.0.0.1:6334)");
+    vec![
+        ("RSITRD__INDEX__BACKEND".into(), "remote".into()),
+        ("RSITRD__INDEX__URL".into(), url),
+        (
+            "RSITRD__INDEX__COLLECTION".into(),
+            unique("daemon").replace(['.', '-'], "_"),
+        ),
+    ]
+}
+
+/// Drops the collections a server run made (none for the embedded index).
+pub fn drop_server_collections(backend: &[(String, String)]) {
+    let Some(collection) = backend
+        .iter()
+        .find(|(k, _)| k == "RSITRD__INDEX__COLLECTION")
+        .map(|(_, v)| v.clone())
+    else {
+        return;
+    };
+    let url = backend
+        .iter()
+        .find(|(k, _)| k == "RSITRD__INDEX__URL")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let config = rsitrd::config::IndexSection {
+        backend: rsitrd::config::IndexBackendKind::Remote,
+        url,
+        collection,
+        ..Default::default()
+    };
+    use rsitrd::index::VectorIndex;
+    let index = rsitrd::index::remote::RemoteIndex::connect(&config).unwrap();
+    for version in index.versions().unwrap() {
+        index.drop_version(version).unwrap();
+    }
+}

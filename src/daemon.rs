@@ -96,11 +96,13 @@ where
     let ready = Arc::new(AtomicBool::new(false));
     let api = Arc::new(crate::http::Api {
         config: config.clone(),
-        store: store.clone(),
         index: index.clone(),
         live: live.clone(),
-        versions: handle.clone(),
-        training: training.clone(),
+        primary: Some(crate::http::Primary {
+            store: store.clone(),
+            versions: handle.clone(),
+            training: training.clone(),
+        }),
         ready: ready.clone(),
         encodes: Arc::new(tokio::sync::Semaphore::new(
             config.http.max_concurrent_encodes,

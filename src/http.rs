@@ -157,22 +157,37 @@ impl<T: DeserializeOwned, B: Backend> axum::extract::FromRequest<AppState<B>> fo
     }
 }
 
-/// What the handlers share (built by the daemon).
+/// What the handlers share (built by the daemon, or by a query replica).
 pub struct Api<B: Backend> {
     pub config: Config,
-    pub store: Arc<Store>,
     pub index: Arc<dyn VectorIndex>,
-    /// The live serving model (only the version owner changes it).
+    /// The live serving model (only the version owner, or a replica's follower, changes it).
     pub live: Arc<Live<B>>,
-    /// Version changes and training requests go to their owner.
-    pub versions: versions::Handle<B>,
-    /// A training run is in progress.
-    pub training: Arc<std::sync::atomic::AtomicBool>,
+    /// The primary's parts; `None` on a query replica (`rsitrd serve`), which serves
+    /// search, embed and a short status only.
+    pub primary: Option<Primary<B>>,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
     /// Admission of query encodes (`http.max_concurrent_encodes`).
     pub encodes: Arc<tokio::sync::Semaphore>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub cancel: tokio_util::sync::CancellationToken,
+}
+
+/// The parts only the primary daemon has.
+pub struct Primary<B: Backend> {
+    pub store: Arc<Store>,
+    /// Version changes and training requests go to their owner.
+    pub versions: versions::Handle<B>,
+    /// A training run is in progress.
+    pub training: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B: Backend> Api<B> {
+    fn primary(&self) -> &Primary<B> {
+        self.primary
+            .as_ref()
+            .expect("primary routes are mounted on the primary only")
+    }
 }
 
 type AppState<B> = Arc<Api<B>>;
@@ -200,16 +215,20 @@ where
     let max_body = shared.config.http.max_body_bytes;
     let v1 = Router::new()
         .route("/v1/search", post(search::<B>))
-        .route("/v1/embed", post(embed::<B>))
-        .route("/v1/status", get(status::<B>))
-        .route("/v1/train", post(train::<B>))
-        .route("/v1/rollback", post(rollback::<B>))
-        .route("/v1/quarantine", get(quarantine_list::<B>))
-        .route("/v1/quarantine/release", post(quarantine_release::<B>))
-        .route_layer(axum::middleware::from_fn_with_state(
-            shared.clone(),
-            auth::<B>,
-        ));
+        .route("/v1/embed", post(embed::<B>));
+    let v1 = if shared.primary.is_some() {
+        v1.route("/v1/status", get(status::<B>))
+            .route("/v1/train", post(train::<B>))
+            .route("/v1/rollback", post(rollback::<B>))
+            .route("/v1/quarantine", get(quarantine_list::<B>))
+            .route("/v1/quarantine/release", post(quarantine_release::<B>))
+    } else {
+        v1.route("/v1/status", get(replica_status::<B>))
+    };
+    let v1 = v1.route_layer(axum::middleware::from_fn_with_state(
+        shared.clone(),
+        auth::<B>,
+    ));
     Router::new()
         .merge(v1)
         .route("/healthz", get(|| async { "ok" }))
@@ -529,20 +548,23 @@ where
     let response = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
         let live = shared.live.load_full();
         let ledger = shared
+            .primary()
             .store
             .daemon_ledger()
             .map_err(ApiError::internal)?
             .ok_or_else(|| ApiError::busy("starting"))?;
-        let stats = shared.store.stats().map_err(ApiError::internal)?;
+        let stats = shared.primary().store.stats().map_err(ApiError::internal)?;
         let index_versions = shared.index.versions().map_err(ApiError::internal)?;
         let backlog = stats.last_seq.saturating_sub(ledger.live.embed_cursor);
         let last_run = shared
+            .primary()
             .store
             .recent_runs(1)
             .map_err(ApiError::internal)?
             .into_iter()
             .next();
         let versions: serde_json::Map<String, serde_json::Value> = shared
+            .primary()
             .store
             .recent_versions(STATUS_VERSIONS)
             .map_err(ApiError::internal)?
@@ -558,7 +580,7 @@ where
             "index_points": shared.index.count(live.version).ok(),
             "samples": stats,
             "backlog": backlog,
-            "training": shared.training.load(Ordering::SeqCst),
+            "training": shared.primary().training.load(Ordering::SeqCst),
             "promotion": ledger.promotion,
             "live": ledger.live,
             "best_version": ledger.training.best,
@@ -572,6 +594,27 @@ where
     Ok(Json(response))
 }
 
+/// A query replica's status: the version it serves and the index's live pointer.
+async fn replica_status<B: Backend>(
+    State(shared): State<AppState<B>>,
+) -> Result<Json<serde_json::Value>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    let response = tokio::task::spawn_blocking(move || {
+        let live = shared.live.load_full();
+        json!({
+            "role": "replica",
+            "adapter_version": live.version,
+            "adapter_id": live.adapter_id,
+            "index_live": shared.index.live().ok().flatten(),
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    Ok(Json(response))
+}
+
 /// `/v1/train` takes no parameters: an empty body or `{}`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -582,6 +625,7 @@ async fn train<B: Backend>(
     _: JsonBody<TrainRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     shared
+        .primary()
         .versions
         .request_training()
         .await
@@ -605,6 +649,7 @@ where
 {
     let to = request.and_then(|r| r.to);
     let version = shared
+        .primary()
         .versions
         .rollback(to)
         .await
@@ -618,7 +663,7 @@ async fn quarantine_list<B: Backend>(
 where
     B::Device: Send + Sync,
 {
-    let records = tokio::task::spawn_blocking(move || shared.store.quarantined())
+    let records = tokio::task::spawn_blocking(move || shared.primary().store.quarantined())
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
@@ -663,8 +708,8 @@ where
         }
     };
     let released = tokio::task::spawn_blocking(move || {
-        let released = shared.store.release(ids.as_deref())?;
-        crate::stored::report_quarantine(&shared.store);
+        let released = shared.primary().store.release(ids.as_deref())?;
+        crate::stored::report_quarantine(&shared.primary().store);
         Ok::<_, crate::store::StoreError>(released)
     })
     .await

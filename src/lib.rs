@@ -16,6 +16,7 @@
 //! - [`versions`]: the one owner of the live version, and the index worker it drives
 //! - [`http`]: the API (search, embed, status, train, rollback, quarantine, metrics)
 //! - [`daemon`]: `rsitrd run`: wiring, readiness, watchdog, graceful shutdown
+//! - [`replica`]: `rsitrd serve`: a stateless query replica that follows the alias
 //! - [`eval`]: R@K / mR with pessimistic ties
 //! - [`embed`]: the `rsitrd embed` contract (one JSON line per input)
 //! - [`bench`]: embedding and training throughput measurements
@@ -34,6 +35,7 @@ pub mod index;
 pub mod indexer;
 pub mod ingest;
 pub mod model;
+pub mod replica;
 pub mod serve;
 pub mod store;
 pub mod stored;

@@ -149,6 +149,9 @@ enum Command {
     /// The daemon: ingestion, continual training with the promotion gate, the index and the
     /// HTTP API, until SIGINT or SIGTERM (systemd Type=notify).
     Run,
+    /// A stateless query replica: search and embed only, against the primary's Qdrant server
+    /// (`[index] backend = "remote"`) and adapter directory, following the alias.
+    Serve,
     /// Switch serving back to an earlier kept adapter/index version (through the running
     /// daemon's API, or directly when it is stopped).
     Rollback {
@@ -428,7 +431,17 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .install_recorder()
                 .ok();
-            with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics))
+            with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics, false))
+        }
+        Command::Serve => {
+            if config.index.backend != rsitrd::config::IndexBackendKind::Remote {
+                bail!("`rsitrd serve` follows a Qdrant server: set [index] backend = \"remote\"");
+            }
+            let model = hub::resolve_model(&config.model.dir)?;
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .ok();
+            with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics, true))
         }
         Command::Rollback { to } => rollback_command(&config, to),
         Command::FillStore { samples, batch } => {
@@ -552,6 +565,7 @@ fn run_daemon<B: Backend>(
     model: PathBuf,
     device: B::Device,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    replica: bool,
 ) -> Result<()>
 where
     B::Device: Send + Sync,
@@ -559,7 +573,11 @@ where
     tokio_runtime()?.block_on(async {
         let cancel = tokio_util::sync::CancellationToken::new();
         cancel_on_signals(cancel.clone())?;
-        rsitrd::daemon::run::<B>(config, model, device, cancel, metrics).await?;
+        if replica {
+            rsitrd::replica::run::<B>(config, model, device, cancel, metrics).await?;
+        } else {
+            rsitrd::daemon::run::<B>(config, model, device, cancel, metrics).await?;
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::ingest::wait_for;
@@ -92,5 +92,113 @@ fn the_documented_python_query_runs_against_the_server() {
         assert_eq!(sample_id.len(), 64, "{line}");
     }
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(&backend);
+}
+
+/// Two `rsitrd serve` replicas under search load while the primary promotes: every answer
+/// comes from one adapter version whose vectors it searched, and both replicas follow the
+/// alias to the new version within seconds.
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn replicas_follow_the_alias_across_a_promotion_without_mixing_versions() {
+    let backend = common::daemon::server_backend();
+    let temp = tempfile::tempdir().unwrap();
+    for dir in ["primary", "replica0", "replica1"] {
+        std::fs::create_dir_all(temp.path().join(dir)).unwrap();
+    }
+    let mut primary = Daemon::new(
+        &temp.path().join("primary"),
+        &[("RSITRD__GATE__MR_TOLERANCE", "100")],
+    );
+    primary.env.extra.extend(backend.iter().cloned());
+    primary.start();
+    let staging = temp.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&primary.env.inbox).unwrap();
+    let mini = common::rs_mini();
+    for sample in &mini {
+        let stem = sample.filename.rsplit_once('.').unwrap().0;
+        std::fs::copy(&sample.path, staging.join(&sample.filename)).unwrap();
+        std::fs::write(
+            staging.join(format!("{stem}.txt")),
+            sample.captions.join("\n"),
+        )
+        .unwrap();
+        for name in [format!("{stem}.txt"), sample.filename.clone()] {
+            std::fs::rename(staging.join(&name), primary.env.inbox.join(&name)).unwrap();
+        }
+    }
+    wait_for(Duration::from_secs(120), "rs-mini embedded", || {
+        let (_, status) = primary.get("/v1/status");
+        status["samples"]["samples"] == mini.len() && status["backlog"] == 0
+    });
+    let adapters = primary.env.data.join("adapters").display().to_string();
+    let mut replicas: Vec<Daemon> = (0..2)
+        .map(|i| {
+            let mut replica = Daemon::new(&temp.path().join(format!("replica{i}")), &[]);
+            replica.subcommand = "serve";
+            replica.env.extra.extend(backend.iter().cloned());
+            replica
+                .env
+                .extra
+                .push(("RSITRD__MODEL__ADAPTER_DIR".into(), adapters.clone()));
+            replica.start();
+            replica
+        })
+        .collect();
+    for replica in &replicas {
+        assert_eq!(replica.get("/v1/status").1["adapter_version"], 0);
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|scope| {
+        let load: Vec<_> = replicas
+            .iter()
+            .map(|replica| {
+                let (base, stop) = (replica.base.clone(), &stop);
+                scope.spawn(move || {
+                    let mut versions = std::collections::BTreeSet::new();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let found: serde_json::Value = ureq::post(&format!("{base}/v1/search"))
+                            .send_json(json!({"text": "a bridge over a river", "k": 5}))
+                            .expect("no failed search on a replica")
+                            .body_mut()
+                            .read_json()
+                            .unwrap();
+                        let version = found["adapter_version"].clone();
+                        let results = found["results"].as_array().unwrap();
+                        assert!(!results.is_empty());
+                        for hit in results {
+                            assert_eq!(hit["adapter_version"], version, "{found}");
+                        }
+                        versions.insert(version.as_u64().unwrap());
+                    }
+                    versions
+                })
+            })
+            .collect();
+        assert_eq!(primary.post("/v1/train", &json!({})).0, 202);
+        wait_for(Duration::from_secs(240), "promoted on the primary", || {
+            primary.get("/v1/status").1["adapter_version"] == 1
+        });
+        let switched = Instant::now();
+        wait_for(Duration::from_secs(10), "the replicas followed", || {
+            replicas
+                .iter()
+                .all(|r| r.get("/v1/status").1["adapter_version"] == 1)
+        });
+        eprintln!("replicas followed the alias in {:?}", switched.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        load.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for versions in seen {
+        assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+    for replica in &mut replicas {
+        replica.process.as_mut().unwrap().stop();
+    }
+    primary.process.as_mut().unwrap().stop();
     common::daemon::drop_server_collections(&backend);
 }

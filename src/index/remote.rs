@@ -37,9 +37,10 @@ fn remote_error(what: impl Into<String>, error: QdrantError) -> IndexError {
     let what = what.into();
     let unavailable = match &error {
         QdrantError::ResponseError { status } => {
-            // gRPC codes: CANCELLED 1, DEADLINE_EXCEEDED 4, RESOURCE_EXHAUSTED 8,
-            // UNAVAILABLE 14.
-            matches!(status.code() as i32, 1 | 4 | 8 | 14)
+            // gRPC codes: CANCELLED 1, DEADLINE_EXCEEDED 4, PERMISSION_DENIED 7,
+            // RESOURCE_EXHAUSTED 8, UNAVAILABLE 14, UNAUTHENTICATED 16 (a wrong API key is
+            // an operator's fix away: retried, and reported, like a server away).
+            matches!(status.code() as i32, 1 | 4 | 7 | 8 | 14 | 16)
         }
         QdrantError::ResourceExhaustedError { .. } => true,
         _ => false,

@@ -348,6 +348,8 @@ pub struct Owner<B: Backend> {
     promotion: Option<(Promotion, Embedder<B>)>,
     /// The index's live pointer failed to follow the ledger: retried every turn.
     index_live_stale: bool,
+    /// The index agrees with the ledger (see `prepare_index`); until then no embedding work.
+    index_prepared: bool,
     keep_versions: usize,
     embed_batch: usize,
     limits: ImageLimits,
@@ -364,28 +366,12 @@ impl<B: Backend> Owner<B> {
         backbone: Arc<Backbone<B>>,
         cancel: CancellationToken,
     ) -> Result<Started<B>, VersionError> {
-        let mut ledger = load_or_init(&store, config)?;
+        let ledger = load_or_init(&store, config)?;
         let version = ledger.live.version;
         let record = store.version(version)?.ok_or_else(|| {
             VersionError::Other(format!("the ledger names unknown live version {version}"))
         })?;
         let embedder = backbone.with_adapter(record.adapter.as_ref())?;
-        let dim = backbone.projection_dim();
-        let missing = !index.versions()?.contains(&version);
-        index.ensure_version(version, dim, &version_info(&backbone, &record))?;
-        if missing && ledger.live.embed_cursor > 0 {
-            // The index was deleted or lost (e.g. restored from a backup without it): rebuild
-            // it from the store, which is the source of truth.
-            tracing::warn!(
-                version,
-                "the live index version is missing: re-embedding the corpus"
-            );
-            ledger.live.embed_cursor = 0;
-            store.apply(&[LedgerChange::Live(ledger.live.clone())])?;
-        }
-        if index.live()? != Some(version) {
-            index.set_live(version)?;
-        }
         let live = crate::serve::live(ServingModel {
             version,
             adapter_id: record.adapter_id().to_string(),
@@ -401,6 +387,7 @@ impl<B: Backend> Owner<B> {
             ledger,
             promotion: None,
             index_live_stale: false,
+            index_prepared: false,
             keep_versions: config.index.keep_versions,
             embed_batch: config.index.embed_batch,
             limits: config.image_limits(),
@@ -409,7 +396,52 @@ impl<B: Backend> Owner<B> {
         if let Some(promotion) = owner.ledger.promotion {
             owner.resume_promotion(promotion)?;
         }
+        // A server that is away at start does not stop the daemon: it serves 503s and the
+        // loop tries again (with backoff) until the index is ready.
+        if let Err(error) = owner.prepare_index() {
+            tracing::error!(%error, "the index is not ready: retrying in the background");
+        }
         Ok((owner, Handle { sender }, receiver))
+    }
+
+    /// Makes the index agree with the ledger: the live version (and a promotion's) exists,
+    /// the index's live pointer names the live version. Rebuilds a lost live version.
+    fn prepare_index(&mut self) -> Result<(), VersionError> {
+        let version = self.ledger.live.version;
+        let record = self.store.version(version)?.ok_or_else(|| {
+            VersionError::Other(format!("the ledger names unknown live version {version}"))
+        })?;
+        let dim = self.backbone.projection_dim();
+        let missing = !self.index.versions()?.contains(&version);
+        self.index
+            .ensure_version(version, dim, &version_info(&self.backbone, &record))?;
+        if missing && self.ledger.live.embed_cursor > 0 {
+            // The index was deleted or lost (e.g. restored from a backup without it): rebuild
+            // it from the store, which is the source of truth.
+            tracing::warn!(
+                version,
+                "the live index version is missing: re-embedding the corpus"
+            );
+            let mut live = self.ledger.live.clone();
+            live.embed_cursor = 0;
+            self.store.apply(&[LedgerChange::Live(live.clone())])?;
+            self.ledger.live = live;
+        }
+        if self.index.live()? != Some(version) {
+            self.index.set_live(version)?;
+        }
+        if let Some((promotion, _)) = &self.promotion {
+            let record = self.store.version(promotion.version)?.ok_or_else(|| {
+                VersionError::Other(format!("unknown version {}", promotion.version))
+            })?;
+            self.index.ensure_version(
+                promotion.version,
+                dim,
+                &version_info(&self.backbone, &record),
+            )?;
+        }
+        self.index_prepared = true;
+        Ok(())
     }
 
     /// The live serving model (read by queries and the trainer).
@@ -421,19 +453,9 @@ impl<B: Backend> Owner<B> {
         let record = self.store.version(promotion.version)?;
         let loaded = record
             .ok_or_else(|| VersionError::Other(format!("unknown version {}", promotion.version)))
-            .and_then(|record| {
-                Ok((
-                    self.backbone.with_adapter(record.adapter.as_ref())?,
-                    version_info(&self.backbone, &record),
-                ))
-            });
+            .and_then(|record| Ok(self.backbone.with_adapter(record.adapter.as_ref())?));
         match loaded {
-            Ok((embedder, info)) => {
-                self.index.ensure_version(
-                    promotion.version,
-                    self.backbone.projection_dim(),
-                    &info,
-                )?;
+            Ok(embedder) => {
                 tracing::info!(
                     version = promotion.version,
                     cursor = promotion.cursor,
@@ -466,16 +488,23 @@ impl<B: Backend> Owner<B> {
                 self.follow_ledger();
             }
             let mut worked = false;
-            let turn = self.fresh_batch().and_then(|fresh| {
-                worked |= fresh;
-                if self.promotion.is_some() {
-                    worked = true;
-                    if self.reembed_batch()? {
-                        self.finish_promotion()?;
-                    }
-                }
+            let prepared = if self.index_prepared {
                 Ok(())
-            });
+            } else {
+                self.prepare_index()
+            };
+            let turn = prepared
+                .and_then(|()| self.fresh_batch())
+                .and_then(|fresh| {
+                    worked |= fresh;
+                    if self.promotion.is_some() {
+                        worked = true;
+                        if self.reembed_batch()? {
+                            self.finish_promotion()?;
+                        }
+                    }
+                    Ok(())
+                });
             let wait = match turn {
                 Ok(()) => {
                     metrics::gauge!("rsitrd_index_available").set(1.0);

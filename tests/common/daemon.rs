@@ -21,6 +21,8 @@ pub struct Daemon {
     pub base: String,
     pub process: Option<Ingest>,
     pub log: std::path::PathBuf,
+    /// `run` (the daemon) or `serve` (a query replica).
+    pub subcommand: &'static str,
 }
 
 impl Daemon {
@@ -50,6 +52,7 @@ impl Daemon {
             base: format!("http://127.0.0.1:{port}"),
             process: None,
             log: root.join("daemon.log"),
+            subcommand: "run",
         }
     }
 
@@ -62,7 +65,7 @@ impl Daemon {
         let child = self
             .env
             .command()
-            .arg("run")
+            .arg(self.subcommand)
             .stdout(std::process::Stdio::null())
             .stderr(file)
             .spawn()

@@ -367,7 +367,12 @@ fn serves_trains_promotes_and_rolls_back(backend: &[(String, String)]) {
     assert_eq!(status["adapter_version"], 1);
     daemon.process.as_mut().unwrap().stop();
     // The index is derived data: deleted (or left out of a backup), it is rebuilt from the store.
-    std::fs::remove_dir_all(daemon.env.data.join("index")).unwrap();
+    if backend.is_empty() {
+        std::fs::remove_dir_all(daemon.env.data.join("index")).unwrap();
+    } else {
+        // On a server: every collection of the deployment gone.
+        common::daemon::drop_server_collections(backend);
+    }
     daemon.start();
     wait_for(Duration::from_secs(120), "the index rebuilt", || {
         daemon.get("/v1/status").1["index_points"] == samples as u64 + captions

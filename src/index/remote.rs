@@ -58,7 +58,8 @@ pub struct RemoteIndex {
     alias: String,
     config: IndexSection,
     /// Runs the client's futures: callers are blocking threads.
-    runtime: tokio::runtime::Runtime,
+    /// `Some` until dropped (see the `Drop` impl).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl RemoteIndex {
@@ -93,7 +94,7 @@ impl RemoteIndex {
             client,
             alias: config.collection.clone(),
             config: config.clone(),
-            runtime,
+            runtime: Some(runtime),
         })
     }
 
@@ -120,10 +121,25 @@ impl RemoteIndex {
     {
         std::thread::scope(|scope| {
             scope
-                .spawn(|| self.runtime.block_on(future))
+                .spawn(|| {
+                    self.runtime
+                        .as_ref()
+                        .expect("runtime present until drop")
+                        .block_on(future)
+                })
                 .join()
                 .expect("qdrant client thread")
         })
+    }
+}
+
+impl Drop for RemoteIndex {
+    /// The daemon drops its index inside its async runtime, where dropping another runtime
+    /// (which blocks on its workers) panics: shut the client's down without waiting.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

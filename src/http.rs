@@ -554,7 +554,8 @@ where
             .map_err(ApiError::internal)?
             .ok_or_else(|| ApiError::busy("starting"))?;
         let stats = shared.primary().store.stats().map_err(ApiError::internal)?;
-        let index_versions = shared.index.versions().map_err(ApiError::internal)?;
+        // The index may be away (a server restarting): the status still answers.
+        let index_versions = shared.index.versions().ok();
         let backlog = stats.last_seq.saturating_sub(ledger.live.embed_cursor);
         let last_run = shared
             .primary()

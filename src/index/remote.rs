@@ -41,6 +41,9 @@ fn remote_error(what: impl Into<String>, error: QdrantError) -> IndexError {
             // RESOURCE_EXHAUSTED 8, UNAVAILABLE 14, UNAUTHENTICATED 16 (a wrong API key is
             // an operator's fix away: retried, and reported, like a server away).
             matches!(status.code() as i32, 1 | 4 | 7 | 8 | 14 | 16)
+                // The client reports a refused connection as INTERNAL (13) "Failed to
+                // connect to …".
+                || (status.code() as i32 == 13 && status.message().starts_with("Failed to connect"))
         }
         QdrantError::ResourceExhaustedError { .. } => true,
         _ => false,

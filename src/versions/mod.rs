@@ -399,7 +399,7 @@ impl<B: Backend> Owner<B> {
         // A server that is away at start does not stop the daemon: it serves 503s and the
         // loop tries again (with backoff) until the index is ready.
         if let Err(error) = owner.prepare_index() {
-            tracing::error!(%error, "the index is not ready: retrying in the background");
+            tracing::warn!(%error, "the index is not ready: retrying in the background");
         }
         Ok((owner, Handle { sender }, receiver))
     }

@@ -62,6 +62,8 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
+        // Only this start's lines: an earlier run's logged error is not this one's failure.
+        let offset = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         let child = self
             .env
             .command()
@@ -73,17 +75,19 @@ impl Daemon {
         self.process = Some(Ingest::from_child(child, &self.log));
         let base = self.base.clone();
         let log = self.log.clone();
+        let this_run = || {
+            let text = std::fs::read(&log).unwrap_or_default();
+            String::from_utf8_lossy(&text[offset.min(text.len())..]).into_owned()
+        };
         wait_for(Duration::from_secs(60), "readyz", || {
             ureq::get(&format!("{base}/readyz"))
                 .call()
                 .is_ok_and(|r| r.status() == 200)
                 || {
+                    let lines = this_run();
                     assert!(
-                        !std::fs::read_to_string(&log)
-                            .unwrap_or_default()
-                            .contains("\"level\":\"ERROR\""),
-                        "daemon failed: {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
+                        !lines.contains("\"level\":\"ERROR\""),
+                        "daemon failed: {lines}"
                     );
                     false
                 }

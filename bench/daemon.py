@@ -3,6 +3,8 @@
 vs raw embedding, and query latency during an adapter swap, against a real `rsitrd run`.
 
 usage: bench/daemon.py --bin target/release/rsitrd --model DIR [--rs-mini ../shared/data/rs-mini]
+                       [--qdrant-url http://127.0.0.1:6334]   # a Qdrant server instead of the
+                                                              # embedded index (gRPC URL)
 
 Standard library only. Starts the daemon on a throw-away data directory (embedded index,
 inbox source), feeds rs-mini through the inbox one sample at a time, then measures.
@@ -48,6 +50,8 @@ def main():
     parser.add_argument("--rs-mini", default="../shared/data/rs-mini")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--qdrant-url", default=None,
+                        help="index into this Qdrant server (gRPC) instead of the embedded engine")
     args = parser.parse_args()
     dataset = json.load(open(os.path.join(args.rs_mini, "dataset.json")))["images"]
     captions = [s["raw"] for image in dataset for s in image["sentences"]]
@@ -60,11 +64,14 @@ def main():
                RSITRD__TRAINING__MIN_NEW_SAMPLES="100000", RSITRD__TRAINING__STEPS=str(args.steps),
                RSITRD__TRAINING__BATCH_SIZE="4", RSITRD__GATE__MR_TOLERANCE="100",
                RSITRD_LOG="info")
+    if args.qdrant_url:
+        env.update(RSITRD__INDEX__BACKEND="remote", RSITRD__INDEX__URL=args.qdrant_url,
+                   RSITRD__INDEX__COLLECTION=f"bench_{os.getpid()}")
     api = Api(f"http://127.0.0.1:{port}")
     log = open(f"{work}/daemon.log", "w")
     started = time.time()
     daemon = subprocess.Popen([args.bin, "run"], env=env, stderr=log, stdout=subprocess.DEVNULL)
-    report = {"model": args.model}
+    report = {"model": args.model, "index": args.qdrant_url or "embedded"}
     try:
         while True:
             try:

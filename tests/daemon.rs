@@ -390,6 +390,18 @@ fn serves_trains_promotes_and_rolls_back(backend: &[(String, String)]) {
 
 #[test]
 fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
+    gate_refuses_a_broken_candidate_and_the_api_requires_the_token_on(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
+    gate_refuses_a_broken_candidate_and_the_api_requires_the_token_on(
+        &common::daemon::server_backend(),
+    );
+}
+
+fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token_on(backend: &[(String, String)]) {
     let temp = tempfile::tempdir().unwrap();
     // Candidates go to a configured adapter directory outside the data directory.
     let adapter_dir = temp.path().join("elsewhere/adapters");
@@ -403,6 +415,7 @@ fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
             ("RSITRD__MODEL__ADAPTER_DIR", adapter_dir_value.as_str()),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.env.extra.retain(|(k, _)| k != "RSITRD_API_TOKEN");
     daemon
         .env
@@ -456,10 +469,21 @@ fn gate_refuses_a_broken_candidate_and_the_api_requires_the_token() {
     assert!(runs.contains("rejected"), "{runs}");
     assert!(!daemon.env.data.join("adapters").exists());
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(backend);
 }
 
 #[test]
 fn training_through_the_daemon_learns_and_crashes_resume() {
+    training_through_the_daemon_learns_and_crashes_resume_on(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_training_through_the_daemon_learns_and_crashes_resume() {
+    training_through_the_daemon_learns_and_crashes_resume_on(&common::daemon::server_backend());
+}
+
+fn training_through_the_daemon_learns_and_crashes_resume_on(backend: &[(String, String)]) {
     let temp = tempfile::tempdir().unwrap();
     // The initial adapter: one epoch of `rsitrd train` with a bottleneck wide enough for the
     // tiny 32-wide backbone to learn (the default for it, 16, barely moves R@1; see
@@ -496,6 +520,7 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
             ("RSITRD__INDEX__EMBED_BATCH", "1"),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.start();
     let staging = temp.path().join("staging");
     let samples = feed_rs_mini(&daemon.env.inbox, &staging);
@@ -614,10 +639,21 @@ fn training_through_the_daemon_learns_and_crashes_resume() {
         "{run}"
     );
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(backend);
 }
 
 #[test]
 fn systemd_readiness_and_watchdog_notifications() {
+    systemd_readiness_and_watchdog_notifications_on(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_systemd_readiness_and_watchdog_notifications() {
+    systemd_readiness_and_watchdog_notifications_on(&common::daemon::server_backend());
+}
+
+fn systemd_readiness_and_watchdog_notifications_on(backend: &[(String, String)]) {
     // The sd_notify protocol as systemd speaks it: a datagram socket in NOTIFY_SOCKET.
     let temp = tempfile::tempdir().unwrap();
     let socket_path = temp.path().join("notify.sock");
@@ -626,6 +662,7 @@ fn systemd_readiness_and_watchdog_notifications() {
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut daemon = Daemon::new(temp.path(), &[]);
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon
         .env
         .extra
@@ -654,6 +691,7 @@ fn systemd_readiness_and_watchdog_notifications() {
         let length = socket.recv(&mut buffer).expect("STOPPING=1 before exit");
         last = String::from_utf8_lossy(&buffer[..length]).into_owned();
     }
+    common::daemon::drop_server_collections(backend);
 }
 
 #[test]
@@ -687,8 +725,19 @@ fn run_refuses_an_invalid_configuration_and_names_the_key() {
 /// would page someone), the cancellation logged at INFO.
 #[test]
 fn sigterm_during_training_is_not_an_error() {
+    sigterm_during_training_is_not_an_error_on(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_sigterm_during_training_is_not_an_error() {
+    sigterm_during_training_is_not_an_error_on(&common::daemon::server_backend());
+}
+
+fn sigterm_during_training_is_not_an_error_on(backend: &[(String, String)]) {
     let temp = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::new(temp.path(), &[("RSITRD__TRAINING__STEPS", "100000")]);
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.start();
     let samples = feed_rs_mini(&daemon.env.inbox, &temp.path().join("staging"));
     wait_for(Duration::from_secs(60), "samples embedded", || {
@@ -704,6 +753,7 @@ fn sigterm_during_training_is_not_an_error() {
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(!log.contains("\"level\":\"ERROR\""), "{log}");
     assert!(log.contains("training run cancelled by shutdown"), "{log}");
+    common::daemon::drop_server_collections(backend);
 }
 
 /// Promotions and rollbacks through the API with a SIGKILL at a random point of each round

@@ -311,6 +311,20 @@ fn other_filesystem(near: &Path) -> tempfile::TempDir {
 
 #[test]
 fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_verdicts() {
+    hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_verdicts_on(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_verdicts() {
+    hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_verdicts_on(
+        &common::daemon::server_backend(),
+    );
+}
+
+fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_verdicts_on(
+    backend: &[(String, String)],
+) {
     let temp = tempfile::tempdir().unwrap();
     let elsewhere = other_filesystem(temp.path());
     let rejected_dir = elsewhere.path().join("rejected");
@@ -331,6 +345,7 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
             ("RSITRD__TRAINING__ENABLED", "false"),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.start();
     let cases = image_cases();
     let accepted: Vec<&Case> = cases.iter().filter(|c| c.refused.is_none()).collect();
@@ -756,6 +771,7 @@ fn hostile_inputs_through_every_entry_leave_the_daemon_alive_with_documented_ver
     assert_eq!(other.stats()["samples"], accepted.len() as u64);
     alive(&mut daemon);
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(backend);
 }
 
 /// rs-mini copied beside an extra 600x200 image (aspect 3) into one Karpathy dataset; returns
@@ -803,6 +819,23 @@ fn log_count(daemon: &Daemon, words: &str) -> usize {
 
 #[test]
 fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_promotion_go_on() {
+    an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_promotion_go_on_on(
+        &[],
+    );
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_promotion_go_on()
+ {
+    an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_promotion_go_on_on(
+        &common::daemon::server_backend(),
+    );
+}
+
+fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_promotion_go_on_on(
+    backend: &[(String, String)],
+) {
     let temp = tempfile::tempdir().unwrap();
     let (dataset, images, wide_id) = rs_mini_with_a_wide_image(temp.path());
     let mut daemon = Daemon::new(
@@ -812,6 +845,7 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
             ("RSITRD__GATE__MR_TOLERANCE", "1000"),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     // Stored under the default limits…
     let out = common::run_ok(daemon.env.command().args([
         "import",
@@ -903,6 +937,7 @@ fn an_unembeddable_stored_sample_is_quarantined_while_freshness_training_and_pro
     );
     assert!(finds(&daemon, "a wide strip of farmland", &wide_id));
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(backend);
 }
 
 #[test]
@@ -979,6 +1014,20 @@ fn peak_rss(pid: u32) -> u64 {
 
 #[test]
 fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound() {
+    eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound_on(&[]);
+}
+
+#[test]
+#[ignore = "needs a Qdrant server: set RSITRD_TEST_QDRANT_URL and run with --include-ignored"]
+fn server_eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound() {
+    eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound_on(
+        &common::daemon::server_backend(),
+    );
+}
+
+fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound_on(
+    backend: &[(String, String)],
+) {
     // docs/operations.md: queries hold at most http.max_concurrent_encodes decoded images;
     // an 8-bit image takes 3 bytes per pixel (1 more of slack here), plus its body.
     // RSITRD_BENCH_ENCODES=8 runs the same burst with no effective admission limit, the
@@ -998,6 +1047,7 @@ fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound
             ("RSITRD__INBOX__ENABLED", "false"),
         ],
     );
+    daemon.env.extra.extend(backend.iter().cloned());
     daemon.start();
     let largest = png_streamed(10_000, 10_000, |y| [(y % 256) as u8, 30, 60]);
     let body = json!({"image_b64": b64(&largest), "k": 3}).to_string();
@@ -1050,4 +1100,5 @@ fn eight_concurrent_searches_with_the_largest_images_stay_under_the_memory_bound
     assert!(growth <= bound, "peak grew {growth} bytes, bound {bound}");
     alive(&mut daemon);
     daemon.process.as_mut().unwrap().stop();
+    common::daemon::drop_server_collections(backend);
 }

@@ -215,6 +215,20 @@ pub fn open(
 }
 
 /// A vector index with versions. Implementations are thread-safe; every call blocks.
+///
+/// The contract both implementations keep (tested for both, `tests/index.rs`,
+/// `tests/versions.rs`; the server's with `RSITRD_TEST_QDRANT_URL`):
+/// - `upsert` returns only once the points are durable (embedded: flushed; server: `wait`
+///   with the configured write ordering), so a cursor recorded after it never skips a point;
+///   it is idempotent (point ids derive from samples and captions).
+/// - `search` names its version: a query never meets another adapter's vectors, whatever
+///   the live pointer says meanwhile.
+/// - `set_live` is atomic for anyone resolving the live pointer (embedded: a file replaced
+///   by rename; server: an alias re-pointed in one call), and `live` reads it back.
+/// - `ensure_version` is idempotent and records what made the version (`version_info`).
+/// - A backend that is away, too slow or refusing for now answers
+///   [`IndexError::Unavailable`] (retried by background work, 503 to searches); other errors
+///   are the caller's or the configuration's.
 pub trait VectorIndex: Send + Sync {
     /// Creates version `version` (vectors of `dim`, made as `info` says) if absent.
     fn ensure_version(

@@ -14,16 +14,8 @@ binary first (a newer one migrates the older one's state.json).
 import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile, threading
 import time, urllib.error, urllib.request
 
-
-def pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round((len(values) - 1) * p)))] if values else None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from daemon import free_port, pct  # noqa: E402  (the daemon benchmark's helpers)
 
 
 def call(base, method, path, body=None, timeout=600):

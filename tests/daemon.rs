@@ -791,27 +791,8 @@ fn sigkill_during_promotions_and_rollbacks(backend: &[(String, String)]) {
     let (mut versions_seen, mut rounds_with_promotion) = (std::collections::BTreeSet::new(), 0);
     for round in 0..12u32 {
         // Two new training-eligible samples per round, so every run has something new.
-        for i in 0..2 {
-            let seed = 5000 + round * 2 + i;
-            let name = format!("k{seed}");
-            std::fs::write(
-                staging.join(format!("{name}.png")),
-                common::ingest::synthetic_png(seed, 24),
-            )
-            .unwrap();
-            std::fs::write(
-                staging.join(format!("{name}.txt")),
-                format!("tile {seed}\n"),
-            )
-            .unwrap();
-            for ext in ["txt", "png"] {
-                std::fs::rename(
-                    staging.join(format!("{name}.{ext}")),
-                    daemon.env.inbox.join(format!("{name}.{ext}")),
-                )
-                .unwrap();
-            }
-        }
+        let first = 5000 + round * 2;
+        common::ingest::drop_synthetic(&daemon.env.inbox, &staging, first..first + 2);
         samples += 2;
         wait_for(
             Duration::from_secs(60),

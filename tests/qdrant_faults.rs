@@ -127,28 +127,7 @@ impl Drop for Server {
 }
 
 fn feed(daemon: &Daemon, staging: &Path, first: u32, count: u32) {
-    std::fs::create_dir_all(staging).unwrap();
-    std::fs::create_dir_all(&daemon.env.inbox).unwrap();
-    for seed in first..first + count {
-        let name = format!("f{seed}");
-        std::fs::write(
-            staging.join(format!("{name}.png")),
-            common::ingest::synthetic_png(seed, 24),
-        )
-        .unwrap();
-        std::fs::write(
-            staging.join(format!("{name}.txt")),
-            format!("tile {seed}\n"),
-        )
-        .unwrap();
-        for ext in ["txt", "png"] {
-            std::fs::rename(
-                staging.join(format!("{name}.{ext}")),
-                daemon.env.inbox.join(format!("{name}.{ext}")),
-            )
-            .unwrap();
-        }
-    }
+    common::ingest::drop_synthetic(&daemon.env.inbox, staging, first..first + count);
 }
 
 fn drained(daemon: &Daemon, samples: u32) -> bool {

@@ -338,3 +338,26 @@ pub async fn publish(queue: &str, messages: &[(String, Vec<u8>, Option<&str>)]) 
         assert!(confirm.is_ack(), "broker confirmed {id}");
     }
 }
+
+/// Renames synthetic samples (`PREFIX{seed}.png` of 24×24 pixels + a one-caption
+/// `.txt`, "tile {seed}") into `inbox` through `staging`, as a producer would.
+pub fn drop_synthetic(inbox: &Path, staging: &Path, seeds: std::ops::Range<u32>) {
+    std::fs::create_dir_all(staging).unwrap();
+    std::fs::create_dir_all(inbox).unwrap();
+    for seed in seeds {
+        let name = format!("s{seed}");
+        std::fs::write(staging.join(format!("{name}.png")), synthetic_png(seed, 24)).unwrap();
+        std::fs::write(
+            staging.join(format!("{name}.txt")),
+            format!("tile {seed}\n"),
+        )
+        .unwrap();
+        for ext in ["txt", "png"] {
+            std::fs::rename(
+                staging.join(format!("{name}.{ext}")),
+                inbox.join(format!("{name}.{ext}")),
+            )
+            .unwrap();
+        }
+    }
+}

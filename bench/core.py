@@ -15,22 +15,11 @@ import argparse, json, os, shutil, socket, statistics, subprocess, sys, tempfile
 import time, urllib.error, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from daemon import free_port, pct  # noqa: E402  (the daemon benchmark's helpers)
+from daemon import Api, free_port, pct  # noqa: E402  (the daemon benchmark's helpers)
 
 
 def call(base, method, path, body=None, timeout=600):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            text = response.read()
-            try:
-                return response.status, json.loads(text or b"null")
-            except ValueError:
-                return response.status, text.decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+    return Api(base).call(method, path, body, timeout)
 
 
 def rss_mib(pid, field="VmRSS"):

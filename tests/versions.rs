@@ -555,6 +555,18 @@ fn the_gate_refuses_a_candidate_worse_than_the_best_version_though_within_tolera
             .unwrap()
             .is_some()
     );
+
+    // The best version's adapter file lost: the next run compares with the live version
+    // only, instead of failing every run from now on.
+    std::fs::remove_file(&file.path).unwrap();
+    rig.store
+        .commit_batch(&(0..12).map(|i| synthetic(70_000 + i)).collect::<Vec<_>>())
+        .unwrap();
+    trainer.run_once(&rig.ledger()).unwrap();
+    let run = &rig.store.recent_runs(1).unwrap()[0];
+    assert_eq!(run["version"], 3, "{run}");
+    assert_eq!(run["best_version"], 0, "{run}");
+    assert_eq!(run["promoted"], true, "{run}");
 }
 
 #[test]

@@ -253,24 +253,38 @@ impl<B: Backend> Trainer<B> {
                 &limits,
                 &self.cancel,
             )?;
-            // The best promoted version on this slice (the live one when none is recorded).
-            let best_version = training.best.unwrap_or(parent);
-            let best_m = if best_version == parent {
-                live_m
-            } else {
-                match self.store.version(best_version)? {
-                    Some(record) => {
-                        let embedder = self.backbone.with_adapter(record.adapter.as_ref())?;
-                        self.metrics_on(
-                            slice,
-                            &records,
-                            record.adapter_id(),
-                            &embedder,
-                            &mut changes,
-                        )?
+            // The best promoted version on this slice (the live one when none is recorded,
+            // or when its adapter can no longer be loaded: a lost file must not stall every
+            // later run).
+            let recorded = training
+                .best
+                .filter(|&v| v != parent)
+                .map(|v| self.store.version(v).map(|record| (v, record)))
+                .transpose()?;
+            let loaded = match recorded {
+                Some((v, Some(record))) => {
+                    match self.backbone.with_adapter(record.adapter.as_ref()) {
+                        Ok(embedder) => Some((v, record, embedder)),
+                        Err(error) => {
+                            tracing::warn!(%error, version = v, "the best version's adapter cannot be loaded: the gate compares with the live version only");
+                            None
+                        }
                     }
-                    None => live_m,
                 }
+                _ => None,
+            };
+            let (best_version, best_m) = match loaded {
+                Some((v, record, embedder)) => (
+                    v,
+                    self.metrics_on(
+                        slice,
+                        &records,
+                        record.adapter_id(),
+                        &embedder,
+                        &mut changes,
+                    )?,
+                ),
+                None => (parent, live_m),
             };
             let (live_mr, best_mr) = (live_m.mr, best_m.mr);
             best_side = Some(Side {

@@ -30,8 +30,7 @@ use crate::model::Embedder;
 use crate::model::preprocess::ImageLimits;
 use crate::serve::{Backbone, Live, ServingModel};
 use crate::store::ledger::{
-    AdapterFile, DaemonLedger, LedgerChange, LivePointer, Promotion, TrainingProgress,
-    VersionRecord,
+    DaemonLedger, LedgerChange, LivePointer, Promotion, TrainingProgress, VersionRecord,
 };
 use crate::store::{Store, StoreError, now_ms};
 
@@ -840,10 +839,4 @@ fn sample_error(error: crate::stored::SampleError) -> VersionError {
         crate::stored::SampleError::Store(error) => VersionError::Store(error),
         other => VersionError::Other(other.to_string()),
     }
-}
-
-/// Reads an adapter file recorded for a version, for tools (`rsitrd embed --adapter` takes
-/// the path).
-pub fn adapter_path(record: &VersionRecord) -> Option<&AdapterFile> {
-    record.adapter.as_ref()
 }

@@ -88,9 +88,16 @@ fn broker_restart_during_ingestion_loses_and_duplicates_nothing() {
     });
     // New messages after the restart are consumed too.
     rt.block_on(publish(&queue, first..first + 100));
-    wait_for(Duration::from_secs(120), "every message stored", || {
-        env.stats()["samples"] == first + 100
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while env.stats()["samples"] != first + 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every message stored: {}\n{}",
+            env.stats(),
+            ingest.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let connection = rt.block_on(common::ingest::broker());
     ingest.stop();
     // Unacked deliveries go back to the queue when the consumer leaves: empty means all acked.

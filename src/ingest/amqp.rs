@@ -44,6 +44,10 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the queue's depth is read for the metrics.
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(5);
+/// How often the connection's state is checked: lapin can report a broken connection (its
+/// error handler logs "Connection error") without ending the consumer stream, and a source
+/// waiting on that stream alone would never reconnect.
+const LIVENESS_EVERY: Duration = Duration::from_millis(500);
 /// Publishes awaiting their confirm in `rsitrd publish` (bounds memory, keeps the pipe full).
 const PUBLISH_WINDOW: usize = 256;
 /// Re-publishes of a message the broker nacked before `publish` fails; the waits double from
@@ -238,17 +242,32 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
     tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
     let mut handlers = JoinSet::new();
     let mut depth_tick = tokio::time::interval(QUEUE_DEPTH_EVERY);
+    let mut liveness = tokio::time::interval(LIVENESS_EVERY);
     let result = loop {
         tokio::select! {
             () = context.cancel.cancelled() => break Ok(()),
+            _ = liveness.tick() => {
+                if !connection.status().connected() {
+                    break Err(AmqpError::Broker {
+                        action: "stay connected",
+                        source: lapin::Error::from(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the connection to the broker broke",
+                        )),
+                    });
+                }
+            }
             _ = depth_tick.tick() => {
-                // Ready messages (a passive declare answers with the count): the backlog.
+                // Ready messages (a passive declare answers with the count): the backlog. A
+                // failure means the channel is gone: reconnect.
                 let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
-                if let Ok(queue) = channel
+                match channel
                     .queue_declare(config.queue.as_str().into(), passive, FieldTable::default())
                     .await
                 {
-                    metrics::gauge!("rsitrd_amqp_queue_ready_messages").set(f64::from(queue.message_count()));
+                    Ok(queue) => metrics::gauge!("rsitrd_amqp_queue_ready_messages")
+                        .set(f64::from(queue.message_count())),
+                    Err(source) => break Err(AmqpError::Broker { action: "check the queue", source }),
                 }
                 metrics::gauge!("rsitrd_amqp_in_flight_deliveries").set(handlers.len() as f64);
             }

@@ -241,7 +241,7 @@ pub struct GateSection {
     pub mr_tolerance: f64,
     /// Fewest slice samples for a decision (fewer: candidates are kept, not promoted). Absent:
     /// `ceil(200 / mr_tolerance)`, the smallest slice on which the tolerance spans four
-    /// single-image steps of mR (`train::gate::required_slice`); a smaller value is refused.
+    /// single-image steps of mR ([`required_slice`]); a smaller value is refused.
     #[serde(default)]
     pub min_val_samples: Option<usize>,
     /// Validation samples in the gate's evaluation slice (half the newest, half older ones).

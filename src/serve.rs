@@ -92,18 +92,18 @@ impl<B: Backend> Backbone<B> {
         let base = &self.untrained;
         let mut model: ClipModel<B> = base.model.clone();
         model.adapter = adapter;
-        let mut embedder = Embedder::from_parts(
+        // Built field by field: `Embedder::from_parts` would build a new tokenizer per swap.
+        Embedder {
             model,
-            base.config.clone(),
-            base.base.clone(),
-            base.adapter_config.clone(),
-            meta,
-            base.logit_scale,
-            &base.device,
-        );
-        embedder.tokenizer = base.tokenizer.clone();
-        embedder.batch_size = base.batch_size;
-        embedder
+            config: base.config.clone(),
+            tokenizer: base.tokenizer.clone(),
+            base: base.base.clone(),
+            adapter_meta: meta,
+            adapter_config: base.adapter_config.clone(),
+            logit_scale: base.logit_scale,
+            device: base.device.clone(),
+            batch_size: base.batch_size,
+        }
     }
 
     /// The backbone with a stored adapter (`None`: untrained), its bytes checked against the

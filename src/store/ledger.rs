@@ -195,6 +195,21 @@ fn from_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result
     })
 }
 
+/// The record of `id` unless it is quarantined or unknown.
+fn usable_record(
+    samples: &impl ReadableTable<[u8; 32], &'static [u8]>,
+    quarantine: &impl ReadableTable<[u8; 32], &'static [u8]>,
+    id: &SampleId,
+) -> Result<Option<SampleRecord>, StoreError> {
+    if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
+        return Ok(None);
+    }
+    match samples.get(id.0).map_err(ledger_error)? {
+        Some(bytes) => Ok(Some(decode_record(id, bytes.value())?)),
+        None => Ok(None),
+    }
+}
+
 fn eval_key(adapter: &str, slice: &str) -> String {
     format!("{adapter}/{slice}")
 }
@@ -266,12 +281,7 @@ impl Store {
             .map_err(ledger_error)?
         {
             let id = SampleId(entry.map_err(ledger_error)?.1.value());
-            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
-                continue;
-            }
-            if let Some(bytes) = samples.get(id.0).map_err(ledger_error)? {
-                out.push(decode_record(&id, bytes.value())?);
-            }
+            out.extend(usable_record(&samples, &quarantine, &id)?);
         }
         Ok(out)
     }
@@ -291,14 +301,11 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut chosen: Vec<u64> = if upto <= usize::MAX as u64 {
-            index::sample(&mut rng, upto as usize, count)
-                .into_iter()
-                .map(|i| i as u64)
-                .collect()
-        } else {
-            return Err(ledger_error("split too large"));
-        };
+        let population = usize::try_from(upto).map_err(|_| ledger_error("split too large"))?;
+        let mut chosen: Vec<u64> = index::sample(&mut rng, population, count)
+            .into_iter()
+            .map(|i| i as u64)
+            .collect();
         chosen.sort_unstable();
         self.split_ordinals(split, &chosen)
     }
@@ -322,12 +329,7 @@ impl Store {
             else {
                 continue;
             };
-            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
-                continue;
-            }
-            if let Some(bytes) = samples.get(id.0).map_err(ledger_error)? {
-                out.push(decode_record(&id, bytes.value())?);
-            }
+            out.extend(usable_record(&samples, &quarantine, &id)?);
         }
         Ok(out)
     }
@@ -359,12 +361,7 @@ impl Store {
         let quarantine = txn.open_table(QUARANTINE).map_err(ledger_error)?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            if quarantine.get(id.0).map_err(ledger_error)?.is_some() {
-                continue;
-            }
-            if let Some(bytes) = samples.get(id.0).map_err(ledger_error)? {
-                out.push(decode_record(id, bytes.value())?);
-            }
+            out.extend(usable_record(&samples, &quarantine, id)?);
         }
         Ok(out)
     }

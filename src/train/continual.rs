@@ -153,19 +153,18 @@ pub fn train_candidate<AB: AutodiffBackend>(
             break;
         }
     }
-    let model = trainer.inference_model();
-    let embedder = Embedder::from_parts(
-        model,
-        config_clip,
+    // The start's tokenizer is shared, not rebuilt.
+    let embedder = Embedder {
+        model: trainer.inference_model(),
+        config: config_clip,
+        tokenizer,
         base,
+        adapter_meta: meta,
         adapter_config,
-        meta,
         logit_scale,
-        &device_inner,
-    );
-    let mut embedder = embedder;
-    embedder.batch_size = start.batch_size;
-    embedder.tokenizer = tokenizer;
+        device: device_inner,
+        batch_size: start.batch_size,
+    };
     Ok(Candidate {
         embedder,
         steps: config.steps,

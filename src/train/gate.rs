@@ -15,15 +15,6 @@ use crate::model::clip::mix_seed;
 use crate::store::ledger::GateSlice;
 use crate::store::{SampleSplit, Store, StoreError};
 
-/// Fewest slice samples for which `tolerance` (mR points) is a meaningful margin
-/// (the rule lives with the configuration, which refuses a smaller `gate.min_val_samples`).
-pub use crate::config::required_slice;
-
-/// The slice size a decision needs under `config`.
-pub fn min_slice(config: &GateSection) -> usize {
-    config.min_slice()
-}
-
 /// The slice to evaluate on: `current` while it is still representative, else a rebuilt one
 /// (`true` when rebuilt). `None` while there are no validation samples.
 pub fn slice_for_run(
@@ -90,7 +81,7 @@ pub fn decide(
     best: Option<Side>,
 ) -> Verdict {
     let tolerance = config.mr_tolerance;
-    let needed = min_slice(config);
+    let needed = config.min_slice();
     let verdict = |promote, decision: String| Verdict { promote, decision };
     if !finite {
         return verdict(false, "rejected: a loss was not finite".into());
@@ -148,6 +139,7 @@ mod tests {
 
     #[test]
     fn the_slice_size_follows_the_tolerance() {
+        use crate::config::required_slice;
         assert_eq!(required_slice(0.5), 400);
         assert_eq!(required_slice(100.0), 2);
         assert_eq!(required_slice(1.0), 200);
@@ -156,7 +148,7 @@ mod tests {
             min_val_samples: Some(1000),
             ..gate(0.5)
         };
-        assert_eq!(min_slice(&explicit), 1000);
+        assert_eq!(explicit.min_slice(), 1000);
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl<B: Backend> Trainer<B> {
             Some(slice) => self.store.records(&slice.samples)?,
             None => Vec::new(),
         };
-        let needed = gate::min_slice(&config.gate);
+        let needed = config.gate.min_slice();
         let judged = candidate.finite && records.len() >= needed;
         let (mut live_metrics, mut best_side, mut best_metrics, mut candidate_metrics) =
             (None, None, None, None);

@@ -593,24 +593,20 @@ impl<B: Backend> Owner<B> {
                     self.ledger.live.version
                 )));
             }
-            Some(embedder) => {
-                let info = crate::index::VersionInfo {
-                    base_model: self.backbone.base().fingerprint.clone(),
-                    adapter_id: changes
-                        .iter()
-                        .find_map(|change| match change {
-                            LedgerChange::Version(v, record) if *v == version => {
-                                Some(record.adapter_id().to_string())
-                            }
-                            _ => None,
-                        })
-                        .unwrap_or_else(|| {
-                            embedder
-                                .adapter_meta
-                                .as_ref()
-                                .map_or("untrained".into(), |m| format!("v{}", m.version))
-                        }),
-                };
+            Some(_) => {
+                // The run's own version row names the adapter the index records.
+                let record = changes
+                    .iter()
+                    .find_map(|change| match change {
+                        LedgerChange::Version(v, record) if *v == version => Some(record),
+                        _ => None,
+                    })
+                    .ok_or_else(|| {
+                        VersionError::Conflict(format!(
+                            "the promoted run carries no row for version {version}"
+                        ))
+                    })?;
+                let info = version_info(&self.backbone, record);
                 self.index
                     .ensure_version(version, self.backbone.projection_dim(), &info)?;
                 Some(Promotion {
@@ -737,11 +733,13 @@ impl<B: Backend> Owner<B> {
     fn fresh_batch(&mut self) -> Result<bool, VersionError> {
         let cursor = self.ledger.live.embed_cursor;
         let page = self.store.page_since(cursor, self.embed_batch)?;
-        let last_seq = self.store.stats().map_or(cursor, |s| s.last_seq);
-        metrics::gauge!("rsitrd_embed_backlog_samples").set(last_seq.saturating_sub(cursor) as f64);
         if page.next_cursor == cursor {
+            // Nothing after the cursor: no backlog, and no counter read on every idle poll.
+            metrics::gauge!("rsitrd_embed_backlog_samples").set(0.0);
             return Ok(false);
         }
+        let last_seq = self.store.stats().map_or(cursor, |s| s.last_seq);
+        metrics::gauge!("rsitrd_embed_backlog_samples").set(last_seq.saturating_sub(cursor) as f64);
         let live = self.live.load_full();
         let started = Instant::now();
         let embedded = self.write(&live.embedder, live.version, &page.records, "embed")?;

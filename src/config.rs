@@ -310,6 +310,13 @@ pub struct HttpSection {
     /// each image query holds at most one decoded image (`model.max_pixels`).
     #[serde(default = "default_max_concurrent_encodes")]
     pub max_concurrent_encodes: usize,
+    /// Thumbnails (`/v1/samples/{id}/image`) made at once; a request waits up to a few
+    /// seconds for its turn, then is answered 503.
+    #[serde(default = "default_max_concurrent_thumbnails")]
+    pub max_concurrent_thumbnails: usize,
+    /// Memory the thumbnail cache may hold, in bytes (least recently used ones go first).
+    #[serde(default = "default_thumbnail_cache_bytes")]
+    pub thumbnail_cache_bytes: usize,
 }
 
 fn default_listen() -> String {
@@ -327,6 +334,12 @@ fn default_max_k() -> usize {
 fn default_max_concurrent_encodes() -> usize {
     4
 }
+fn default_max_concurrent_thumbnails() -> usize {
+    4
+}
+fn default_thumbnail_cache_bytes() -> usize {
+    64 << 20
+}
 
 impl Default for HttpSection {
     fn default() -> Self {
@@ -336,6 +349,8 @@ impl Default for HttpSection {
             max_body_bytes: default_max_body(),
             max_k: default_max_k(),
             max_concurrent_encodes: default_max_concurrent_encodes(),
+            max_concurrent_thumbnails: default_max_concurrent_thumbnails(),
+            thumbnail_cache_bytes: default_thumbnail_cache_bytes(),
         }
     }
 }
@@ -820,6 +835,9 @@ impl Config {
         }
         if self.http.max_concurrent_encodes == 0 {
             return Err("http.max_concurrent_encodes must be positive".into());
+        }
+        if self.http.max_concurrent_thumbnails == 0 {
+            return Err("http.max_concurrent_thumbnails must be positive".into());
         }
         if self.inbox.settle.is_zero() || self.inbox.rescan_interval.is_zero() {
             return Err("inbox.settle and inbox.rescan_interval must be positive".into());

@@ -57,6 +57,7 @@ pub async fn run<B: Backend>(
 where
     B::Device: Send + Sync,
 {
+    zero_counters(&config);
     let store = Arc::new(Store::open(
         &config.store.store_dir(),
         SplitPolicy {
@@ -102,6 +103,10 @@ where
             store: store.clone(),
             versions: handle.clone(),
             training: training.clone(),
+            thumbnails: crate::http::Thumbnails::new(
+                config.http.max_concurrent_thumbnails,
+                config.http.thumbnail_cache_bytes,
+            ),
         }),
         ready: ready.clone(),
         encodes: Arc::new(tokio::sync::Semaphore::new(
@@ -209,4 +214,39 @@ where
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     result
+}
+
+/// Histogram buckets (seconds) of every `*_seconds` series: from a search (milliseconds) to a
+/// training run (up to an hour), so that dashboards can aggregate quantiles across instances.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Installs the Prometheus recorder behind `/metrics` (`None` if one is installed already).
+pub fn metrics_recorder() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(SECONDS_BUCKETS)
+        .expect("buckets are not empty")
+        .install_recorder()
+        .ok()
+}
+
+/// Counters of rare events exported as 0 from the start, so that an alert or a rate over
+/// them sees a series (a counter first incremented an hour in is invisible until then).
+fn zero_counters(config: &Config) {
+    metrics::counter!("rsitrd_http_busy_total").increment(0);
+    metrics::counter!("rsitrd_promotions_total").increment(0);
+    for stage in ["search", "background"] {
+        metrics::counter!("rsitrd_index_errors_total", "stage" => stage).increment(0);
+    }
+    for decision in ["promoted", "rejected"] {
+        metrics::counter!("rsitrd_training_runs_total", "decision" => decision).increment(0);
+    }
+    if config.inbox.enabled {
+        metrics::counter!("rsitrd_inbox_stuck_total").increment(0);
+    }
+    if config.amqp.enabled {
+        metrics::counter!("rsitrd_amqp_reconnects_total").increment(0);
+    }
 }

@@ -41,3 +41,4 @@ pub mod store;
 pub mod stored;
 pub mod train;
 pub mod versions;
+pub mod web;

@@ -428,9 +428,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         }
         Command::Run => {
             let model = hub::resolve_model(&config.model.dir)?;
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .ok();
+            let metrics = rsitrd::daemon::metrics_recorder();
             with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics, false))
         }
         Command::Serve => {
@@ -438,9 +436,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 bail!("`rsitrd serve` follows a Qdrant server: set [index] backend = \"remote\"");
             }
             let model = hub::resolve_model(&config.model.dir)?;
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .ok();
+            let metrics = rsitrd::daemon::metrics_recorder();
             with_backend!(config.model.device, B, device => run_daemon::<B>(config.clone(), model, device, metrics, true))
         }
         Command::Rollback { to } => rollback_command(&config, to),

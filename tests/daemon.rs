@@ -4,37 +4,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{Daemon, b64};
+use common::daemon::{Daemon, b64, feed_rs_mini};
 use common::ingest::{TestEnv, wait_for};
 use serde_json::{Value, json};
-
-fn feed_rs_mini(inbox: &Path, staging: &Path) -> usize {
-    std::fs::create_dir_all(inbox).unwrap();
-    std::fs::create_dir_all(staging).unwrap();
-    let mini = common::rs_mini();
-    for sample in &mini {
-        let stem = sample.filename.rsplit_once('.').unwrap().0;
-        let ext = sample.filename.rsplit_once('.').unwrap().1;
-        std::fs::copy(&sample.path, staging.join(&sample.filename)).unwrap();
-        // NAME.json with metadata (searches can filter on it), NAME.txt for the rest.
-        let captions = json!({"captions": sample.captions, "metadata": {"set": "rs-mini"}});
-        std::fs::write(staging.join(format!("{stem}.json")), captions.to_string()).unwrap();
-        std::fs::rename(
-            staging.join(format!("{stem}.json")),
-            inbox.join(format!("{stem}.json")),
-        )
-        .unwrap();
-        std::fs::rename(
-            staging.join(&sample.filename),
-            inbox.join(format!("{stem}.{ext}")),
-        )
-        .unwrap();
-    }
-    mini.len()
-}
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()

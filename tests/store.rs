@@ -286,3 +286,57 @@ fn quarantined_samples_are_skipped_by_every_read_and_never_pin_a_cursor() {
     let reader = StoreReader::open(temp.path()).unwrap();
     assert!(reader.quarantined().unwrap().is_empty());
 }
+
+fn reject(name: &str, source: &str, at_ms: u64) -> StoreOp {
+    StoreOp::Reject(rsitrd::store::RejectRecord {
+        key: SampleId::of_image(name.as_bytes()),
+        source: source.into(),
+        source_ref: name.into(),
+        kind: "image".into(),
+        reason: format!("{name} is broken"),
+        at_ms,
+    })
+}
+
+#[test]
+fn latest_rejects_and_samples_are_bounded_reads_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), POLICY).unwrap();
+    store
+        .commit_batch(&[reject("a", "inbox", 30), reject("b", "amqp", 10)])
+        .unwrap();
+    // A re-delivered reject counts once and keeps its place.
+    store
+        .commit_batch(&[reject("c", "inbox", 20), reject("a", "inbox", 99)])
+        .unwrap();
+    let latest: Vec<String> = store
+        .recent_rejects(10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.source_ref)
+        .collect();
+    assert_eq!(latest, ["a", "c", "b"], "by time, newest first");
+    assert_eq!(store.recent_rejects(2).unwrap().len(), 2);
+    let stats = store.stats().unwrap();
+    assert_eq!(stats.rejected, 3);
+    assert_eq!(
+        stats.rejected_by_source,
+        [("amqp".to_string(), 1), ("inbox".to_string(), 2)].into()
+    );
+
+    commit(&store, (0..5).map(|i| sample(i, &["x"], "inbox")).collect());
+    commit(&store, vec![sample(1, &["y"], "amqp")]);
+    let recent: Vec<String> = store
+        .recent_samples(3)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.source_ref)
+        .collect();
+    // Sample 1 changed last (a caption merge), then 4 and 3 were created last.
+    assert_eq!(recent, ["s1", "s4", "s3"]);
+    drop(store);
+    // Reopening keeps the time index as it is (nothing rebuilt, nothing doubled).
+    let store = Store::open(dir.path(), POLICY).unwrap();
+    assert_eq!(store.recent_rejects(10).unwrap().len(), 3);
+    assert_eq!(store.stats().unwrap().rejected_by_source["inbox"], 2);
+}

@@ -189,9 +189,14 @@ pub async fn run_amqp(
         cancel: cancel.clone(),
     });
     let mut backoff = INITIAL_BACKOFF;
+    // 0 until the first session consumes, and whenever the broker is away: what an alert on a
+    // disconnected consumer watches.
+    metrics::gauge!("rsitrd_amqp_connected").set(0.0);
     while !cancel.is_cancelled() {
         let started = Instant::now();
-        match session(&context).await {
+        let result = session(&context).await;
+        metrics::gauge!("rsitrd_amqp_connected").set(0.0);
+        match result {
             Ok(()) => break,
             Err(error) => {
                 metrics::counter!("rsitrd_amqp_reconnects_total").increment(1);
@@ -240,6 +245,7 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
         .await
         .map_err(broker("consume"))?;
     tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
+    metrics::gauge!("rsitrd_amqp_connected").set(1.0);
     let mut handlers = JoinSet::new();
     let mut depth_tick = tokio::time::interval(QUEUE_DEPTH_EVERY);
     let mut liveness = tokio::time::interval(LIVENESS_EVERY);

@@ -28,6 +28,8 @@ const DAEMON: TableDefinition<&str, &[u8]> = TableDefinition::new("daemon");
 const EVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("evals");
 /// Candidate version → JSON run record (what the run did and what the gate decided).
 const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+/// Switch number → JSON [`SwitchRecord`]: every change of the live version, in order.
+const SWITCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("switches");
 
 const LIVE_ROW: &str = "live";
 const TRAINING_ROW: &str = "training";
@@ -40,6 +42,7 @@ pub(super) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StoreErr
     txn.open_table(DAEMON).map_err(ledger_error)?;
     txn.open_table(EVALS).map_err(ledger_error)?;
     txn.open_table(RUNS).map_err(ledger_error)?;
+    txn.open_table(SWITCHES).map_err(ledger_error)?;
     Ok(())
 }
 
@@ -159,6 +162,16 @@ impl GateSlice {
     }
 }
 
+/// One change of the live version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchRecord {
+    pub at_ms: u64,
+    pub from: u64,
+    pub to: u64,
+    /// `promotion` or `rollback`.
+    pub kind: String,
+}
+
 /// The daemon's rows, read together.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonLedger {
@@ -182,6 +195,8 @@ pub enum LedgerChange {
         metrics: BTreeMap<String, f64>,
     },
     Run(u64, serde_json::Value),
+    /// Appended to the switch history.
+    Switch(SwitchRecord),
 }
 
 fn to_json(value: &impl Serialize) -> Result<Vec<u8>, StoreError> {
@@ -440,6 +455,21 @@ impl Store {
         Ok(out)
     }
 
+    /// The newest `limit` switches of the live version, newest first.
+    pub fn recent_switches(&self, limit: usize) -> Result<Vec<SwitchRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let table = txn.open_table(SWITCHES).map_err(ledger_error)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(ledger_error)?.rev().take(limit) {
+            let (key, bytes) = entry.map_err(ledger_error)?;
+            out.push(from_json(
+                &format!("switch {}", key.value()),
+                bytes.value(),
+            )?);
+        }
+        Ok(out)
+    }
+
     /// Cached metrics of `adapter` on slice `slice`.
     pub fn cached_eval(
         &self,
@@ -463,6 +493,7 @@ impl Store {
             let mut daemon = txn.open_table(DAEMON).map_err(ledger_error)?;
             let mut evals = txn.open_table(EVALS).map_err(ledger_error)?;
             let mut runs = txn.open_table(RUNS).map_err(ledger_error)?;
+            let mut switches = txn.open_table(SWITCHES).map_err(ledger_error)?;
             for change in changes {
                 match change {
                     LedgerChange::Version(version, record) => {
@@ -504,6 +535,15 @@ impl Store {
                     }
                     LedgerChange::Run(version, record) => {
                         runs.insert(*version, to_json(record)?.as_slice())
+                            .map_err(ledger_error)?;
+                    }
+                    LedgerChange::Switch(record) => {
+                        let next = match switches.last().map_err(ledger_error)? {
+                            Some((key, _)) => key.value() + 1,
+                            None => 1,
+                        };
+                        switches
+                            .insert(next, to_json(record)?.as_slice())
                             .map_err(ledger_error)?;
                     }
                 }

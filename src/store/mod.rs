@@ -34,6 +34,10 @@ const BY_SEQ: TableDefinition<u64, [u8; 32]> = TableDefinition::new("samples_by_
 /// Hash of the rejected input → JSON [`RejectRecord`] (idempotent: a re-delivered reject
 /// counts once).
 const REJECTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("rejects");
+/// (unix ms, reject key) → (): the rejects in time order, so that the latest reasons are a
+/// bounded read (written in the reject's own transaction).
+const REJECTS_BY_TIME: TableDefinition<(u64, [u8; 32]), ()> =
+    TableDefinition::new("rejects_by_time");
 /// Sample id → JSON [`QuarantineRecord`]: stored samples that a stage cannot use (their
 /// image no longer decodes within the limits, their blob is gone). Every stage skips them
 /// until an operator releases them.
@@ -340,6 +344,9 @@ pub struct Stats {
     pub by_source: BTreeMap<String, u64>,
     /// Rejects by kind (`image`, `captions`, `message`, …).
     pub rejected_by_kind: BTreeMap<String, u64>,
+    /// Rejects by the source that delivered them.
+    #[serde(default)]
+    pub rejected_by_source: BTreeMap<String, u64>,
     /// Latest change sequence number (a cursor for [`Store::page_since`]).
     pub last_seq: u64,
     /// Stored samples in quarantine (skipped by embedding and training).
@@ -427,6 +434,7 @@ impl Store {
             txn.open_table(SAMPLES).map_err(ledger_error)?;
             txn.open_table(BY_SEQ).map_err(ledger_error)?;
             txn.open_table(REJECTS).map_err(ledger_error)?;
+            txn.open_table(REJECTS_BY_TIME).map_err(ledger_error)?;
             txn.open_table(COUNTERS).map_err(ledger_error)?;
             ledger::create_tables(&txn)?;
         }
@@ -437,6 +445,7 @@ impl Store {
             policy,
         };
         store.index_splits()?;
+        store.index_rejects()?;
         Ok(store)
     }
 
@@ -463,6 +472,7 @@ impl Store {
             let mut samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
             let mut by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
             let mut rejects = txn.open_table(REJECTS).map_err(ledger_error)?;
+            let mut rejects_by_time = txn.open_table(REJECTS_BY_TIME).map_err(ledger_error)?;
             let mut counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
             let mut by_split = txn.open_table(BY_SPLIT).map_err(ledger_error)?;
             let mut deltas: BTreeMap<String, u64> = BTreeMap::new();
@@ -553,6 +563,12 @@ impl Store {
                                 .map_err(ledger_error)?;
                             *deltas.entry("rejected".into()).or_default() += 1;
                             *deltas.entry(format!("reject:{}", reject.kind)).or_default() += 1;
+                            *deltas
+                                .entry(format!("reject_source:{}", reject.source))
+                                .or_default() += 1;
+                            rejects_by_time
+                                .insert((reject.at_ms, reject.key.0), ())
+                                .map_err(ledger_error)?;
                         }
                         outcomes.push(OpOutcome::Reject { first_time: !known });
                     }
@@ -798,6 +814,70 @@ impl Store {
         Ok(out)
     }
 
+    /// The newest `limit` rejects, newest first.
+    pub fn recent_rejects(&self, limit: usize) -> Result<Vec<RejectRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let by_time = txn.open_table(REJECTS_BY_TIME).map_err(ledger_error)?;
+        let rejects = txn.open_table(REJECTS).map_err(ledger_error)?;
+        let mut out = Vec::new();
+        for entry in by_time.iter().map_err(ledger_error)?.rev().take(limit) {
+            let (key, _) = entry.map_err(ledger_error)?;
+            let (_, key) = key.value();
+            if let Some(bytes) = rejects.get(key).map_err(ledger_error)? {
+                out.push(decode_reject(key, bytes.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The `limit` most recently created or changed samples, newest first (quarantined ones
+    /// included: this is a view of what arrived).
+    pub fn recent_samples(&self, limit: usize) -> Result<Vec<SampleRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(ledger_error)?;
+        let by_seq = txn.open_table(BY_SEQ).map_err(ledger_error)?;
+        let samples = txn.open_table(SAMPLES).map_err(ledger_error)?;
+        let mut out = Vec::new();
+        for entry in by_seq.iter().map_err(ledger_error)?.rev().take(limit) {
+            let (_, id) = entry.map_err(ledger_error)?;
+            let id = SampleId(id.value());
+            if let Some(bytes) = samples.get(id.0).map_err(ledger_error)? {
+                out.push(decode_record(&id, bytes.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds the time index and per-source counts of rejects recorded before they existed
+    /// (one pass, once).
+    fn index_rejects(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(ledger_error)?;
+        {
+            let rejects = txn.open_table(REJECTS).map_err(ledger_error)?;
+            let mut by_time = txn.open_table(REJECTS_BY_TIME).map_err(ledger_error)?;
+            if by_time.len().map_err(ledger_error)? == rejects.len().map_err(ledger_error)? {
+                return Ok(());
+            }
+            let mut counters = txn.open_table(COUNTERS).map_err(ledger_error)?;
+            by_time.retain(|_, _| false).map_err(ledger_error)?;
+            let mut by_source: BTreeMap<String, u64> = BTreeMap::new();
+            for entry in rejects.iter().map_err(ledger_error)? {
+                let (key, bytes) = entry.map_err(ledger_error)?;
+                let record = decode_reject(key.value(), bytes.value())?;
+                by_time
+                    .insert((record.at_ms, record.key.0), ())
+                    .map_err(ledger_error)?;
+                *by_source.entry(record.source).or_default() += 1;
+            }
+            for (source, count) in by_source {
+                counters
+                    .insert(format!("reject_source:{source}").as_str(), count)
+                    .map_err(ledger_error)?;
+            }
+        }
+        txn.commit().map_err(ledger_error)?;
+        Ok(())
+    }
+
     /// Every recorded reject, in key order.
     pub fn rejects(&self) -> Result<Vec<RejectRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(ledger_error)?;
@@ -805,12 +885,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in rejects.iter().map_err(ledger_error)? {
             let (key, bytes) = entry.map_err(ledger_error)?;
-            let record =
-                serde_json::from_slice(bytes.value()).map_err(|e| StoreError::Corrupt {
-                    what: format!("reject {}", SampleId(key.value())),
-                    reason: e.to_string(),
-                })?;
-            out.push(record);
+            out.push(decode_reject(key.value(), bytes.value())?);
         }
         Ok(out)
     }
@@ -965,6 +1040,8 @@ fn read_stats(db: &impl ReadableDatabase) -> Result<Stats, StoreError> {
                     stats.by_source.insert(source.into(), value);
                 } else if let Some(kind) = other.strip_prefix("reject:") {
                     stats.rejected_by_kind.insert(kind.into(), value);
+                } else if let Some(source) = other.strip_prefix("reject_source:") {
+                    stats.rejected_by_source.insert(source.into(), value);
                 }
             }
         }
@@ -1018,6 +1095,13 @@ fn counter(table: &impl ReadableTable<&'static str, u64>, name: &str) -> Result<
         .map_err(ledger_error)?
         .map(|v| v.value())
         .unwrap_or(0))
+}
+
+fn decode_reject(key: [u8; 32], bytes: &[u8]) -> Result<RejectRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: format!("reject {}", SampleId(key)),
+        reason: e.to_string(),
+    })
 }
 
 fn decode_record(id: &SampleId, bytes: &[u8]) -> Result<SampleRecord, StoreError> {

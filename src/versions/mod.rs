@@ -30,7 +30,8 @@ use crate::model::Embedder;
 use crate::model::preprocess::ImageLimits;
 use crate::serve::{Backbone, Live, ServingModel};
 use crate::store::ledger::{
-    DaemonLedger, LedgerChange, LivePointer, Promotion, TrainingProgress, VersionRecord,
+    DaemonLedger, LedgerChange, LivePointer, Promotion, SwitchRecord, TrainingProgress,
+    VersionRecord,
 };
 use crate::store::{Store, StoreError, now_ms};
 
@@ -283,8 +284,14 @@ pub fn switch_changes(
     live: &LivePointer,
     to: u64,
     cursor: u64,
+    kind: &str,
 ) -> Result<(Vec<LedgerChange>, LivePointer, VersionRecord), VersionError> {
-    let mut changes = Vec::new();
+    let mut changes = vec![LedgerChange::Switch(SwitchRecord {
+        at_ms: crate::store::now_ms(),
+        from: live.version,
+        to,
+        kind: kind.to_string(),
+    })];
     if let Some(mut old) = store.version(live.version)? {
         old.indexed_cursor = live.embed_cursor;
         changes.push(LedgerChange::Version(live.version, old));
@@ -325,7 +332,13 @@ pub fn offline_rollback(
     let record = store
         .version(target)?
         .ok_or_else(|| VersionError::Conflict(format!("unknown version {target}")))?;
-    let (changes, _, _) = switch_changes(store, &ledger.live, target, record.indexed_cursor)?;
+    let (changes, _, _) = switch_changes(
+        store,
+        &ledger.live,
+        target,
+        record.indexed_cursor,
+        "rollback",
+    )?;
     store.apply(&changes)?;
     index.set_live(target)?;
     Ok(target)
@@ -665,7 +678,7 @@ impl<B: Backend> Owner<B> {
     /// Makes `to` the live version: ledger, serving model, index pointer, in that order;
     /// then drops index versions beyond `keep_versions`.
     fn switch(&mut self, to: u64, embedder: Embedder<B>, cursor: u64) -> Result<(), VersionError> {
-        let (pointer, record) = self.commit_switch(to, cursor)?;
+        let (pointer, record) = self.commit_switch(to, cursor, "rollback")?;
         self.serve(pointer, record, embedder);
         Ok(())
     }
@@ -675,9 +688,10 @@ impl<B: Backend> Owner<B> {
         &self,
         to: u64,
         cursor: u64,
+        kind: &str,
     ) -> Result<(LivePointer, VersionRecord), VersionError> {
         let (changes, pointer, record) =
-            switch_changes(&self.store, &self.ledger.live, to, cursor)?;
+            switch_changes(&self.store, &self.ledger.live, to, cursor, kind)?;
         self.store.apply(&changes)?;
         Ok((pointer, record))
     }
@@ -808,7 +822,8 @@ impl<B: Backend> Owner<B> {
         let from = self.ledger.live.version;
         // Everything up to the live cursor is in the candidate: re-embedded up to `stop_at`,
         // dual-written after it. If the commit fails the promotion stays and is retried.
-        let (pointer, record) = self.commit_switch(version, self.ledger.live.embed_cursor)?;
+        let (pointer, record) =
+            self.commit_switch(version, self.ledger.live.embed_cursor, "promotion")?;
         let (_, candidate) = self.promotion.take().expect("checked above");
         self.serve(pointer, record, candidate);
         metrics::counter!("rsitrd_promotions_total").increment(1);

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::ingest::{Ingest, TestEnv, unique, wait_for};
 
@@ -234,4 +234,31 @@ pub fn drop_server_collections(backend: &[(String, String)]) {
     for version in index.versions().unwrap() {
         index.drop_version(version).unwrap();
     }
+}
+
+/// Moves the rs-mini samples into `inbox` (through `staging`, as producers do), each with
+/// its captions and `{"set": "rs-mini"}` metadata; returns how many.
+pub fn feed_rs_mini(inbox: &Path, staging: &Path) -> usize {
+    std::fs::create_dir_all(inbox).unwrap();
+    std::fs::create_dir_all(staging).unwrap();
+    let mini = super::rs_mini();
+    for sample in &mini {
+        let stem = sample.filename.rsplit_once('.').unwrap().0;
+        let ext = sample.filename.rsplit_once('.').unwrap().1;
+        std::fs::copy(&sample.path, staging.join(&sample.filename)).unwrap();
+        // NAME.json with metadata (searches can filter on it), NAME.txt for the rest.
+        let captions = json!({"captions": sample.captions, "metadata": {"set": "rs-mini"}});
+        std::fs::write(staging.join(format!("{stem}.json")), captions.to_string()).unwrap();
+        std::fs::rename(
+            staging.join(format!("{stem}.json")),
+            inbox.join(format!("{stem}.json")),
+        )
+        .unwrap();
+        std::fs::rename(
+            staging.join(&sample.filename),
+            inbox.join(format!("{stem}.{ext}")),
+        )
+        .unwrap();
+    }
+    mini.len()
 }

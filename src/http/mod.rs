@@ -31,6 +31,11 @@ use crate::store::SampleId;
 use crate::store::Store;
 use crate::versions::{self, VersionError};
 
+mod history;
+mod samples;
+
+pub use samples::Thumbnails;
+
 /// Seconds a client told "busy" should wait before trying again.
 const RETRY_AFTER_S: u32 = 1;
 /// Largest error body the JSON-error layer reads back to rewrite it.
@@ -180,6 +185,8 @@ pub struct Primary<B: Backend> {
     pub versions: versions::Handle<B>,
     /// A training run is in progress.
     pub training: Arc<std::sync::atomic::AtomicBool>,
+    /// Thumbnails of stored images (`/v1/samples/{id}/image`).
+    pub thumbnails: Thumbnails,
 }
 
 impl<B: Backend> Api<B> {
@@ -222,6 +229,10 @@ where
             .route("/v1/rollback", post(rollback::<B>))
             .route("/v1/quarantine", get(quarantine_list::<B>))
             .route("/v1/quarantine/release", post(quarantine_release::<B>))
+            .route("/v1/history", get(history::history::<B>))
+            .route("/v1/facets", get(history::facets::<B>))
+            .route("/v1/samples/{id}", get(samples::record::<B>))
+            .route("/v1/samples/{id}/image", get(samples::image::<B>))
     } else {
         v1.route("/v1/status", get(replica_status::<B>))
     };
@@ -229,8 +240,14 @@ where
         shared.clone(),
         auth::<B>,
     ));
+    let pages = if shared.primary.is_some() {
+        crate::web::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(v1)
+        .merge(pages)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<B>))
         .route("/metrics", get(metrics::<B>))
@@ -302,8 +319,38 @@ async fn reject_oversized<B: Backend>(
     next.run(request).await
 }
 
+/// The route a path belongs to, as a metric label: one series per route, whatever ids or
+/// unknown paths clients send.
+fn route_label(path: &str) -> &'static str {
+    const ROUTES: &[&str] = &[
+        "/v1/search",
+        "/v1/embed",
+        "/v1/status",
+        "/v1/train",
+        "/v1/rollback",
+        "/v1/quarantine",
+        "/v1/quarantine/release",
+        "/v1/history",
+        "/v1/facets",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/",
+        "/status",
+    ];
+    if let Some(route) = ROUTES.iter().find(|route| **route == path) {
+        return route;
+    }
+    match path.strip_prefix("/v1/samples/") {
+        Some(rest) if rest.ends_with("/image") => "/v1/samples/{id}/image",
+        Some(_) => "/v1/samples/{id}",
+        None if path.starts_with("/ui/") => "/ui/*",
+        None => "other",
+    }
+}
+
 async fn count_requests(request: Request, next: Next) -> Response {
-    let path = request.uri().path().to_string();
+    let path = route_label(request.uri().path());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     if path == "/v1/search" {
@@ -425,7 +472,11 @@ where
                     "sample_id": hit.payload.get("sample_id").cloned().unwrap_or_default(),
                     "adapter_version": hit.payload.get("adapter_version").cloned().unwrap_or_default(),
                     "score": hit.score,
+                    "kind": hit.payload.get("kind").cloned().unwrap_or_default(),
+                    "caption": hit.payload.get("caption").cloned(),
                     "captions": hit.payload.get("captions").cloned().unwrap_or_default(),
+                    "source": hit.payload.get("source").cloned().unwrap_or_default(),
+                    "split": hit.payload.get("split").cloned().unwrap_or_default(),
                     "metadata": hit.payload.get("metadata").cloned().unwrap_or_default(),
                 })
             })
@@ -583,6 +634,7 @@ where
             "backlog": backlog,
             "training": shared.primary().training.load(Ordering::SeqCst),
             "promotion": ledger.promotion,
+            "kept_versions": ledger.live.kept_versions(shared.config.index.keep_versions),
             "live": ledger.live,
             "best_version": ledger.training.best,
             "gate_slice": ledger.slice.map(|s| json!({"number": s.number, "id": s.id, "samples": s.samples.len()})),

@@ -51,6 +51,11 @@ def run(args, samples):
                RSITRD_LOG="warn", RSITRD_API_TOKEN="")
     subprocess.run([args.bin, "fill-store", "--samples", str(samples)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
+    # The real remote-sensing images too (256-600 px JPEG and TIFF): the synthetic tiles are
+    # 4x4 pixels, too small to show what making a thumbnail costs.
+    subprocess.run([args.bin, "import", "--dataset", f"{args.rs_mini}/dataset.json",
+                    "--images", f"{args.rs_mini}/images"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     log = open(f"{work}/daemon.log", "w")
     started = time.time()
@@ -92,8 +97,24 @@ def run(args, samples):
 
         cold = page_times()   # every thumbnail made (decoded, resized, encoded)
         warm = page_times()   # the same pages again: from the cache
-        result["thumbnails_24_cold"] = summary(cold)
-        result["thumbnails_24_cached"] = summary(warm)
+        result["synthetic_page_24_thumbnails_cold"] = summary(cold)
+        result["synthetic_page_24_thumbnails_cached"] = summary(warm)
+        # The rs-mini images: each made once per size (cold), then served from the cache.
+        real = [json.loads(call(base, "POST", "/v1/search", {"text": "x", "k": 1000,
+                                                             "filter": {"source": "import"}})[1])]
+        real_ids = [r["sample_id"] for r in real[0]["results"]]
+        result["real_images"] = len(real_ids)
+        cold_one, warm_one = [], []
+        for size in (256, 192, 128):
+            for i in real_ids:
+                start = time.perf_counter()
+                call(base, "GET", f"/v1/samples/{i}/image?size={size}")
+                cold_one.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                call(base, "GET", f"/v1/samples/{i}/image?size={size}")
+                warm_one.append((time.perf_counter() - start) * 1000)
+        result["real_thumbnail_cold"] = summary(cold_one)
+        result["real_thumbnail_cached"] = summary(warm_one)
         result["facets"] = summary(timed(lambda: call(base, "GET", "/v1/facets"), 50))
         result["status_page_calls"] = summary(timed(lambda: (call(base, "GET", "/v1/status"),
                                                              call(base, "GET", "/v1/history?limit=100"),
@@ -114,6 +135,7 @@ def main():
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--pages", type=int, default=30)
+    parser.add_argument("--rs-mini", default="../shared/data/rs-mini")
     args = parser.parse_args()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     report = {"cpu": cpu, "runs": [run(args, args.small), run(args, args.samples)]}

@@ -120,6 +120,7 @@ pub fn run<AB: AutodiffBackend>(
             crate::model::BaseModel {
                 fingerprint: String::new(),
                 source: "bench".into(),
+                architecture: crate::model::weights::architecture_of(config),
             },
             adapter.clone(),
             None,
@@ -255,7 +256,7 @@ pub fn fill_store(
                     png,
                     vec![format!("synthetic tile number {i}")],
                     serde_json::Map::new(),
-                    "import".into(),
+                    "synthetic".into(),
                     format!("synthetic/{i}"),
                     "png".into(),
                     4,

@@ -2,7 +2,11 @@
 //! protocol, with ties broken pessimistically.
 //!
 //! Tie rule: an item tied with the ground truth counts as ranked above it, so a model that
-//! scores everything equally gets rank `N-1`, never a lucky hit.
+//! scores everything equally gets rank `N-1`, never a lucky hit. Identical captions of
+//! different images ("There is a piece of farmland .", common in UCM and Sydney) are embedded
+//! once, so they tie exactly: for image→text, another image's copy of a caption ranks above
+//! the image's own copy; for text→image, each copy is its own query and finds its own image
+//! only if that image scores strictly higher than every other.
 
 use burn::prelude::Backend;
 use rayon::prelude::*;
@@ -175,17 +179,30 @@ pub fn embed_split<B: Backend>(
         let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
         image_embeddings.extend(embedder.embed_pixels(&refs));
     }
-    let mut captions = Vec::new();
+    // Each distinct caption text is embedded once: identical captions of different images
+    // (common in UCM and Sydney) get bit-identical vectors whatever the batching, so they tie
+    // exactly and the tie rule decides, deterministically.
+    let mut unique: Vec<&str> = Vec::new();
+    let mut row_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut caption_rows = Vec::new();
     let mut caption_image = Vec::new();
     for (index, image) in images.iter().enumerate() {
         for caption in &image.captions {
-            captions.push(caption.as_str());
+            let row = *row_of.entry(caption.as_str()).or_insert_with(|| {
+                unique.push(caption.as_str());
+                unique.len() - 1
+            });
+            caption_rows.push(row);
             caption_image.push(index);
         }
     }
+    let vectors = embedder.embed_texts(&unique);
     Ok(SplitEmbeddings {
         images: image_embeddings,
-        captions: embedder.embed_texts(&captions),
+        captions: caption_rows
+            .iter()
+            .map(|&row| vectors[row].clone())
+            .collect(),
         caption_image,
     })
 }

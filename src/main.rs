@@ -38,8 +38,12 @@ enum Command {
     /// Print total and trainable parameter counts (reads only DIR/config.json).
     Params {
         /// Model directory (HF layout) or hub id such as openai/clip-vit-base-patch32.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "arch")]
         model: Option<String>,
+        /// An open_clip architecture instead of a model: ViT-B-32, ViT-B-16, ViT-L-14 or
+        /// ViT-L-14-336 (nothing is downloaded).
+        #[arg(long)]
+        arch: Option<String>,
         /// Adapter bottleneck width (default: the paper's 64, smaller for tiny backbones).
         #[arg(long)]
         bottleneck: Option<usize>,
@@ -103,9 +107,15 @@ enum Command {
         lr_decay: f64,
         #[arg(long, default_value_t = 20)]
         lr_decay_every: usize,
-        /// Held-out fraction of training images when the dataset has no val split.
+        /// Held-out fraction of training images when the dataset has no val split
+        /// (`--protocol holdout`).
         #[arg(long, default_value_t = 0.2)]
         val_fraction: f64,
+        /// `holdout`: select the checkpoint on held-out training images when there is no val
+        /// split; `paper`: train on every training image and evaluate on test each epoch, as
+        /// the paper does (docs/training.md).
+        #[arg(long, value_enum, default_value = "holdout")]
+        protocol: rsitrd::train::offline::Protocol,
         #[arg(long, default_value_t = 42)]
         seed: u64,
         #[arg(long, default_value = "hmmc")]
@@ -296,12 +306,26 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     match cli.command {
         Command::Params {
             model,
+            arch,
             bottleneck,
             shared_width,
             json,
         } => {
-            let dir = hub::resolve_model_files(&model_of(model), &["config.json"])?;
-            params(&dir, bottleneck, shared_width, json)
+            let config = match arch {
+                Some(name) => rsitrd::model::openclip::named(&name)
+                    .with_context(|| {
+                        format!(
+                            "unknown architecture {name} (known: {})",
+                            rsitrd::model::openclip::ARCHITECTURES.join(", ")
+                        )
+                    })?
+                    .to_clip_config()?,
+                None => ClipConfig::from_model_dir(&hub::resolve_model_files(
+                    &model_of(model),
+                    &["config.json"],
+                )?)?,
+            };
+            params(&config, bottleneck, shared_width, json)
         }
         Command::Embed {
             model,
@@ -340,6 +364,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             lr_decay,
             lr_decay_every,
             val_fraction,
+            protocol,
             seed,
             loss,
             bottleneck,
@@ -375,6 +400,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 lr_decay,
                 lr_decay_every,
                 val_fraction,
+                protocol,
                 seed,
                 loss,
                 max_pixels,
@@ -692,12 +718,12 @@ fn progress_bar(length: u64, message: &'static str) -> indicatif::ProgressBar {
 }
 
 fn params(
-    model: &Path,
+    config: &ClipConfig,
     bottleneck: Option<usize>,
     shared_width: Option<usize>,
     json: bool,
 ) -> Result<()> {
-    let config = ClipConfig::from_model_dir(model)?;
+    let config = config.clone();
     let adapter = with_overrides(
         AdapterConfig::default_for(&config),
         bottleneck,

@@ -18,6 +18,29 @@ fn params_of_vit_b32_config() {
 }
 
 #[test]
+fn params_of_open_clip_architectures() {
+    // Backbone counts as open_clip reports them (`sum(p.numel())` of `create_model(name)`,
+    // printed by tests/make_fixtures.py --open-clip); the adapter follows the widths.
+    for (arch, backbone, trainable) in [
+        ("ViT-B-32", 151_277_313u64, 161_088u64),
+        ("ViT-B-16", 149_620_737, 161_088),
+        ("ViT-L-14", 427_616_513, 227_136),
+        ("ViT-L-14-336", 427_944_193, 227_136),
+    ] {
+        let out = run_ok(rsitrd().args(["params", "--json", "--arch", arch]));
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(value["backbone"], backbone, "{arch}");
+        assert_eq!(value["trainable"], trainable, "{arch}");
+    }
+    let out = rsitrd()
+        .args(["params", "--arch", "ViT-H-14"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ViT-L-14-336"));
+}
+
+#[test]
 fn embed_prints_normalized_lines_in_order() {
     let image = rs_mini_dir().join("images/rsicd_00001.jpg");
     let lines = json_lines(

@@ -1,5 +1,5 @@
-//! Parity with HuggingFace `transformers` on tiny random CLIP checkpoints in the real HF
-//! format (references written by tests/make_fixtures.py).
+//! Parity with HuggingFace `transformers` and with `open_clip` on tiny random CLIP
+//! checkpoints in their real formats (references written by tests/make_fixtures.py).
 
 mod common;
 
@@ -59,9 +59,14 @@ fn reference(model: &str) -> Reference {
 }
 
 fn check_model(model: &str) {
+    check_dir(model, &fixture(model));
+}
+
+/// Compares the model loaded from `dir` with the references of fixture `model`.
+fn check_dir(model: &str, dir: &std::path::Path) {
     let reference = reference(model);
     let device = Default::default();
-    let embedder = Embedder::<Flex>::load(&fixture(model), None, &device).expect("load tiny clip");
+    let embedder = Embedder::<Flex>::load(dir, None, &device).expect("load tiny clip");
     assert_eq!(embedder.image_size(), reference.image_size);
 
     // Images: preprocessing, then embeddings.
@@ -166,4 +171,84 @@ fn ucm_tiffs_are_compared_exactly() {
     let reference = reference("tiny-clip");
     let exact_count = reference.images.iter().filter(|i| exact(i)).count();
     assert_eq!(exact_count, 9, "the 9 UCM 256x256 TIFFs");
+}
+
+#[test]
+fn open_clip_hub_layout_b16_quickgelu_matches_open_clip() {
+    // open_clip_config.json + open_clip_pytorch_model.bin, as open_clip publishes models.
+    check_model("openclip-b16-quickgelu");
+    let dir = fixture("openclip-b16-quickgelu");
+    check_synthetic_pixels("openclip-b16-quickgelu", &dir);
+    let config = rsitrd::model::ClipConfig::from_model_dir(&dir).unwrap();
+    assert_eq!(
+        rsitrd::model::config::backbone_params(&config) as u64,
+        reference_params("openclip-b16-quickgelu"),
+        "parameters as open_clip counts them"
+    );
+}
+
+#[test]
+fn open_clip_training_checkpoint_l14_gelu_matches_open_clip() {
+    // A bare `.pt` training checkpoint: {"epoch", "state_dict": {"module.…"}}, architecture
+    // inferred from the shapes (14 px patches, 224 px, 3 layers, exact GELU).
+    let cache = tempfile::tempdir().unwrap();
+    let file = fixture("openclip-l14-gelu").join("checkpoint.pt");
+    let dir = rsitrd::model::openclip::prepare_dir(&file, Some("auto"), cache.path()).unwrap();
+    let config = rsitrd::model::ClipConfig::from_model_dir(&dir).unwrap();
+    assert_eq!(config.vision_config.patch_size, 14);
+    assert_eq!(config.vision_config.image_size, 224);
+    assert_eq!(config.vision_config.num_hidden_layers, 3);
+    assert_eq!(
+        config.vision_config.hidden_act,
+        rsitrd::model::config::HiddenAct::Gelu
+    );
+    check_dir("openclip-l14-gelu", &dir);
+    check_synthetic_pixels("openclip-l14-gelu", &dir);
+    assert_eq!(
+        rsitrd::model::config::backbone_params(&config) as u64,
+        reference_params("openclip-l14-gelu")
+    );
+    // The wrong architecture named: refused, the mismatched tensors named.
+    let wrong =
+        rsitrd::model::openclip::prepare_dir(&file, Some("ViT-B-32"), cache.path()).unwrap();
+    let error = Embedder::<Flex>::load(&wrong, None, &Default::default())
+        .err()
+        .expect("a ViT-B/32 cannot hold these weights")
+        .to_string();
+    assert!(error.contains("patch_embedding"), "{error}");
+}
+
+/// The embedding of pixels both sides compute from a formula (`sin(0.01 (7919 c + 131 y + x))`
+/// in f32): identical model input at any image size, so it compares to 1e-4.
+fn check_synthetic_pixels(model: &str, dir: &std::path::Path) {
+    let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let expected: Vec<f32> = value["synthetic_pixels_embedding"]
+        .as_array()
+        .expect("synthetic_pixels_embedding")
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let embedder = Embedder::<Flex>::load(dir, None, &Default::default()).unwrap();
+    let size = embedder.image_size();
+    let mut pixels = Vec::with_capacity(3 * size * size);
+    for c in 0..3 {
+        for y in 0..size {
+            for x in 0..size {
+                pixels.push((0.01f32 * (c * 7919 + y * 131 + x) as f32).sin());
+            }
+        }
+    }
+    let ours = embedder.embed_pixels(&[pixels.as_slice()]).remove(0);
+    let diff = max_abs_diff(&ours, &expected);
+    assert!(
+        diff <= EXACT_TOLERANCE,
+        "{model}: identical pixels differ by {diff}"
+    );
+}
+
+fn reference_params(model: &str) -> u64 {
+    let text = std::fs::read_to_string(fixture(model).join("reference.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value["params"].as_u64().expect("params")
 }

@@ -236,7 +236,16 @@ fn eval_agrees_with_an_independent_computation_from_embed() {
             .map(|l| serde_json::from_value(l["embedding"].clone()).unwrap())
             .collect()
     };
-    let expected = independent_metrics(&vectors("image"), &vectors("text"), &owner);
+    // The documented rule: identical caption texts are one vector (they tie exactly);
+    // `rsitrd embed` batches them apart, so its copies may differ in the last bits.
+    let texts: Vec<&String> = test.iter().flat_map(|s| &s.captions).collect();
+    let mut captions = vectors("text");
+    for i in 0..captions.len() {
+        if let Some(first) = texts.iter().position(|t| *t == texts[i]) {
+            captions[i] = captions[first].clone();
+        }
+    }
+    let expected = independent_metrics(&vectors("image"), &captions, &owner);
     let actual = eval_json(None, "test");
     assert_eq!(actual["images"], 8);
     assert_eq!(actual["captions"], 40);
@@ -276,4 +285,81 @@ fn broken_dataset_is_reported_before_any_work() {
     assert!(stderr.contains("2 problem(s)"), "{stderr}");
     assert!(stderr.contains("unknown split `weird`"), "{stderr}");
     assert!(stderr.contains("caption 0 is empty"), "{stderr}");
+}
+
+#[test]
+fn identical_captions_of_different_images_tie_the_same_way_whatever_the_batching() {
+    use burn::backend::Flex;
+    use rsitrd::data::Dataset;
+    use rsitrd::eval::{embed_split, metrics_of};
+    use rsitrd::model::Embedder;
+
+    // UCM and Sydney repeat captions across images ("There is a piece of farmland ."): give
+    // three rs-mini images the same first caption.
+    let shared = "There is a piece of farmland .";
+    let mut dataset = Dataset::load(
+        &rs_mini_dir().join("dataset.json"),
+        &rs_mini_dir().join("images"),
+    )
+    .unwrap();
+    for image in dataset.images.iter_mut().take(3) {
+        image.captions[0] = shared.to_string();
+    }
+    let images: Vec<_> = dataset.images.iter().collect();
+    let mut embedder =
+        Embedder::<Flex>::load(&fixture("tiny-clip"), None, &Default::default()).unwrap();
+    let mut results = Vec::new();
+    for batch in [1, 7, 64] {
+        embedder.batch_size = batch;
+        let split = embed_split(&embedder, &dataset, &images, 1 << 26).unwrap();
+        // The copies are one vector, so they tie exactly.
+        let copies: Vec<&Vec<f32>> = images
+            .iter()
+            .flat_map(|i| &i.captions)
+            .zip(&split.captions)
+            .filter(|(text, _)| text.as_str() == shared)
+            .map(|(_, vector)| vector)
+            .collect();
+        assert!(copies.len() >= 3, "rs-mini has this caption already too");
+        assert!(copies.iter().all(|v| *v == copies[0]));
+        results.push(metrics_of(&split));
+    }
+    for other in &results[1..] {
+        assert_eq!(
+            other.to_map(),
+            results[0].to_map(),
+            "metrics depend on the batching"
+        );
+    }
+}
+
+#[test]
+fn the_paper_protocol_trains_on_every_training_image_and_evaluates_on_test() {
+    // rs-mini has 18 train and 8 test images and no val split, like RSITMD and UCM.
+    let epoch_val_images = |protocol: &str| {
+        let out = tempfile::tempdir().unwrap();
+        run_ok(
+            train_command(out.path(), 1)
+                .args(["--protocol", protocol])
+                .stdout(Stdio::null()),
+        );
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("train-config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["protocol"], protocol);
+        let log = std::fs::read_to_string(out.path().join("train-log.jsonl")).unwrap();
+        let epoch = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["kind"] == "epoch")
+            .expect("an epoch line");
+        epoch["val"]["images"].as_u64().unwrap()
+    };
+    assert_eq!(
+        epoch_val_images("holdout"),
+        4,
+        "20 % of the 18 training images"
+    );
+    assert_eq!(epoch_val_images("paper"), 8, "the 8 test images");
 }

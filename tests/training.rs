@@ -72,6 +72,7 @@ fn embedder_from(model: ClipModel<B>, loaded_config: &ClipConfig) -> Embedder<B>
         rsitrd::model::BaseModel {
             fingerprint: String::new(),
             source: String::new(),
+            architecture: rsitrd::model::weights::architecture_of(loaded_config),
         },
         adapter,
         None,
@@ -207,6 +208,7 @@ fn adapter_checkpoint_round_trips_and_is_refused_elsewhere() {
     let meta = AdapterMeta {
         adapter: adapter.clone(),
         base_model: loaded.base.fingerprint.clone(),
+        base_architecture: loaded.base.architecture.clone(),
         version: 3,
         parent: Some(2),
         created_at: "2026-11-27T00:00:00Z".into(),
@@ -230,12 +232,25 @@ fn adapter_checkpoint_round_trips_and_is_refused_elsewhere() {
         assert!(common::max_abs_diff(a, b) < 1e-6);
     }
 
-    // Another backbone: refused, naming both fingerprints.
+    // Another backbone: refused, naming both (fingerprints and architectures, which the
+    // checkpoint records).
+    assert_eq!(
+        weights::read_adapter_meta(&path).unwrap().base_architecture,
+        weights::architecture_of(&config)
+    );
     let error = Embedder::<B>::load(&fixture("tiny-clip-gelu"), Some(&path), &device)
         .err()
         .expect("must refuse another base model")
         .to_string();
     assert!(error.contains("trained on base model"), "{error}");
+    assert!(
+        error.contains("ViT d48 L2 p32 @256"),
+        "its architecture: {error}"
+    );
+    assert!(
+        error.contains("ViT d40 L3 p16 @64"),
+        "the loaded one: {error}"
+    );
 
     // Another adapter shape: refused.
     let mut model = weights::load_clip::<B>(

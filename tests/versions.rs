@@ -211,6 +211,7 @@ fn random_adapter(backbone: &Backbone<B>, seed: u64, version: u64, parent: u64) 
     embedder.adapter_meta = Some(AdapterMeta {
         adapter: embedder.adapter_config.clone(),
         base_model: embedder.base.fingerprint.clone(),
+        base_architecture: embedder.base.architecture.clone(),
         version,
         parent: Some(parent),
         created_at: "2026-12-03T00:00:00Z".into(),
@@ -500,6 +501,7 @@ fn the_gate_refuses_a_candidate_worse_than_the_best_version_though_within_tolera
     let meta = AdapterMeta {
         adapter: best_embedder.adapter_config.clone(),
         base_model: best_embedder.base.fingerprint.clone(),
+        base_architecture: best_embedder.base.architecture.clone(),
         version: 1,
         parent: Some(0),
         created_at: "2026-12-03T00:00:00Z".into(),

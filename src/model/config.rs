@@ -164,6 +164,9 @@ fn default_logit_scale_init() -> f64 {
 impl ClipConfig {
     /// Reads and validates `DIR/config.json`.
     pub fn from_model_dir(dir: &Path) -> Result<Self, ConfigError> {
+        if let Some(open_clip) = super::openclip::read_config(dir)? {
+            return open_clip.model_cfg.to_clip_config();
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
             path: path.clone(),

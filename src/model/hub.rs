@@ -1,5 +1,10 @@
 //! Model directories from the HuggingFace hub: `openai/clip-vit-base-patch32` is fetched
 //! once (with progress) into a cache; a local directory is used as it is.
+//!
+//! open_clip checkpoints are named by their file: a local `FILE.pt` or a hub id and file name
+//! `owner/repo:FILE.pt` (e.g. `chendelong/RemoteCLIP:RemoteCLIP-ViT-B-32.pt`), each with an
+//! optional `#ARCHITECTURE` (`#ViT-B-32`, `#ViT-L-14-quickgelu`, `#auto`); they become a
+//! small model directory in the cache that points at the file ([`super::openclip`]).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +31,8 @@ pub enum HubError {
         endpoint: String,
         reason: String,
     },
+    #[error("open_clip checkpoint `{spec}`: {reason}")]
+    OpenClip { spec: String, reason: String },
     #[error("cannot write the model cache {path}: {source}")]
     Cache {
         path: PathBuf,
@@ -72,6 +79,9 @@ pub fn resolve_model_files(spec: &str, files: &[&str]) -> Result<PathBuf, HubErr
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    if let Some(dir) = resolve_open_clip(spec)? {
+        return Ok(dir);
+    }
     if !is_hub_id(spec) {
         return Err(HubError::NotFound { spec: spec.into() });
     }
@@ -85,6 +95,49 @@ pub fn resolve_model_files(spec: &str, files: &[&str]) -> Result<PathBuf, HubErr
         download(&endpoint, spec, file, &target)?;
     }
     Ok(dir)
+}
+
+/// An open_clip checkpoint spec (`FILE[#ARCH]` or `owner/repo:FILE[#ARCH]`) as a model
+/// directory; `None` if `spec` is not one.
+fn resolve_open_clip(spec: &str) -> Result<Option<PathBuf>, HubError> {
+    let (file_spec, architecture) = match spec.rsplit_once('#') {
+        Some((file, arch)) => (file, Some(arch)),
+        None => (spec, None),
+    };
+    let failed = |reason: String| HubError::OpenClip {
+        spec: spec.into(),
+        reason,
+    };
+    let checkpoint = if Path::new(file_spec).is_file() {
+        PathBuf::from(file_spec)
+    } else if let Some((repo, file)) = file_spec.split_once(':')
+        && is_hub_id(repo)
+        && !file.is_empty()
+        && !file.contains("..")
+        && !file.starts_with('/')
+    {
+        let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| DEFAULT_ENDPOINT.into());
+        let target = cache_root()
+            .join("hub")
+            .join(repo.replace('/', "--"))
+            .join(file);
+        if !target.is_file() {
+            download(&endpoint, repo, file, &target)?;
+        }
+        target
+    } else {
+        return Ok(None);
+    };
+    if architecture.is_none() {
+        tracing::warn!(
+            %spec,
+            "no open_clip architecture named: inferring it from the weights, with GELU \
+             (append #ARCH-quickgelu for OpenAI-activation models such as GeoRSCLIP)"
+        );
+    }
+    super::openclip::prepare_dir(&checkpoint, architecture, &cache_root())
+        .map(Some)
+        .map_err(failed)
 }
 
 /// Downloads one file to `target` (temp file, fsync, rename), with a progress bar on a

@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod hub;
 pub mod loss;
+pub mod openclip;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod weights;

@@ -54,6 +54,9 @@ pub struct BaseModel {
     pub fingerprint: String,
     /// Where it was loaded from (informational).
     pub source: String,
+    /// The architecture (an open_clip name such as `ViT-L-14`, or the shape of a HF config).
+    #[serde(default)]
+    pub architecture: String,
 }
 
 /// A loaded backbone directory.
@@ -71,6 +74,10 @@ pub struct AdapterMeta {
     pub adapter: AdapterConfig,
     /// Fingerprint of the backbone it was trained on.
     pub base_model: String,
+    /// That backbone's architecture (e.g. `ViT-L-14`; empty in checkpoints written before
+    /// it was recorded).
+    #[serde(default)]
+    pub base_architecture: String,
     /// Monotonic adapter version (0 = untrained).
     pub version: u64,
     /// Version it was trained from, if any.
@@ -151,6 +158,9 @@ pub fn load_clip<B: Backend>(
     adapter: &AdapterConfig,
     device: &B::Device,
 ) -> Result<LoadedClip<B>, WeightsError> {
+    if let Some(open_clip) = super::openclip::read_config(dir)? {
+        return load_open_clip(dir, &open_clip, adapter, device);
+    }
     let config = ClipConfig::from_model_dir(dir)?;
     adapter.validate_for(&config)?;
     let mut model = config.init::<B>(adapter, device);
@@ -178,7 +188,108 @@ pub fn load_clip<B: Backend>(
             dir: dir.to_path_buf(),
         });
     };
+    check_applied(&result, &weights_path, &[])?;
+    let logit_scale = if weights_path.extension().is_some_and(|e| e == "safetensors") {
+        read_logit_scale(&weights_path)?
+    } else {
+        None
+    }
+    .unwrap_or(config.logit_scale_init_value as f32);
+    let base = BaseModel {
+        fingerprint: fingerprint(&dir.join("config.json"), &weights_path)?,
+        source: dir.display().to_string(),
+        architecture: architecture_of(&config),
+    };
+    Ok(LoadedClip {
+        model,
+        config,
+        logit_scale,
+        base,
+    })
+}
 
+/// A short name of the backbone's shape: towers, widths, patch and image size.
+pub fn architecture_of(config: &ClipConfig) -> String {
+    let v = &config.vision_config;
+    let t = &config.text_config;
+    format!(
+        "ViT d{} L{} p{} @{} / text d{} L{} / {} {:?}",
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.patch_size,
+        v.image_size,
+        t.hidden_size,
+        t.num_hidden_layers,
+        config.projection_dim,
+        v.hidden_act
+    )
+}
+
+/// An open_clip model directory (see [`super::openclip`]): its state dict renamed to the HF
+/// layout, then the same strict checks.
+fn load_open_clip<B: Backend>(
+    dir: &Path,
+    open_clip: &super::openclip::OpenClipConfig,
+    adapter: &AdapterConfig,
+    device: &B::Device,
+) -> Result<LoadedClip<B>, WeightsError> {
+    let config = open_clip.model_cfg.to_clip_config()?;
+    adapter.validate_for(&config)?;
+    let weights_path = open_clip.weights_path(dir);
+    if !weights_path.is_file() {
+        return Err(WeightsError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let tensors = super::openclip::read_state_dict(&weights_path)
+        .map_err(|e| read_error(&weights_path, e))?;
+    let (model, logit_scale) =
+        open_clip_model::<B>(&config, tensors, adapter, &weights_path, device)?;
+    let base = BaseModel {
+        fingerprint: fingerprint(&dir.join(super::openclip::CONFIG_FILE), &weights_path)?,
+        source: weights_path.display().to_string(),
+        architecture: open_clip
+            .architecture
+            .clone()
+            .unwrap_or_else(|| architecture_of(&config)),
+    };
+    Ok(LoadedClip {
+        model,
+        logit_scale: logit_scale.unwrap_or(config.logit_scale_init_value as f32),
+        config,
+        base,
+    })
+}
+
+/// A CLIP of `config` holding an open_clip state dict (renamed, then checked strictly;
+/// `path` names the source in errors), and the dict's logit scale.
+pub fn open_clip_model<B: Backend>(
+    config: &ClipConfig,
+    tensors: BTreeMap<String, burn::store::TensorSnapshot>,
+    adapter: &AdapterConfig,
+    path: &Path,
+    device: &B::Device,
+) -> Result<(ClipModel<B>, Option<f32>), WeightsError> {
+    let renamed = super::openclip::rename(tensors).map_err(|e| read_error(path, e))?;
+    let mut model = config.init::<B>(adapter, device);
+    let result = model.apply(
+        renamed.snapshots,
+        None,
+        Some(Box::new(PyTorchToBurnAdapter)),
+        false,
+    );
+    let unexpected: Vec<&str> = renamed.unexpected.iter().map(String::as_str).collect();
+    check_applied(&result, path, &unexpected)?;
+    Ok((model, renamed.logit_scale))
+}
+
+/// Strict on the backbone: a missing, unexpected or mis-shaped backbone tensor is an error
+/// listing the keys (`also_unexpected`: source keys that had no place in the model at all).
+fn check_applied(
+    result: &burn::store::ApplyResult,
+    weights_path: &Path,
+    also_unexpected: &[&str],
+) -> Result<(), WeightsError> {
     let missing: Vec<&str> = result
         .missing
         .iter()
@@ -196,7 +307,7 @@ pub fn load_clip<B: Backend>(
             .or_else(|| key.strip_suffix(".bias").map(|stem| format!("{stem}.beta")));
         renamed.is_some_and(|name| applied.contains(name.as_str()))
     };
-    let unexpected: Vec<&str> = result
+    let mut unexpected: Vec<&str> = result
         .unused
         .iter()
         .map(String::as_str)
@@ -204,6 +315,7 @@ pub fn load_clip<B: Backend>(
             !key.ends_with("position_ids") && *key != "logit_scale" && !applied_as_norm(key)
         })
         .collect();
+    unexpected.extend_from_slice(also_unexpected);
     let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
     if !missing.is_empty() || !unexpected.is_empty() || !errors.is_empty() {
         let mut details = Vec::new();
@@ -217,26 +329,11 @@ pub fn load_clip<B: Backend>(
             details.push(errors.join("; "));
         }
         return Err(WeightsError::Mismatch {
-            path: weights_path,
+            path: weights_path.to_path_buf(),
             details: details.join("; "),
         });
     }
-    let logit_scale = if weights_path.extension().is_some_and(|e| e == "safetensors") {
-        read_logit_scale(&weights_path)?
-    } else {
-        None
-    }
-    .unwrap_or(config.logit_scale_init_value as f32);
-    let base = BaseModel {
-        fingerprint: fingerprint(&dir.join("config.json"), &weights_path)?,
-        source: dir.display().to_string(),
-    };
-    Ok(LoadedClip {
-        model,
-        config,
-        logit_scale,
-        base,
-    })
+    Ok(())
 }
 
 /// Reads only the metadata of an adapter checkpoint.
@@ -288,10 +385,16 @@ pub fn load_adapter_bytes<B: Backend>(
     };
     if meta.base_model != base.fingerprint {
         return Err(incompatible(format!(
-            "it was trained on base model {} but the loaded backbone ({}) is {}",
+            "it was trained on base model {} ({}) but the loaded backbone {} is {} ({})",
             short(&meta.base_model),
+            if meta.base_architecture.is_empty() {
+                "architecture not recorded"
+            } else {
+                meta.base_architecture.as_str()
+            },
             base.source,
-            short(&base.fingerprint)
+            short(&base.fingerprint),
+            base.architecture
         )));
     }
     if meta.adapter.bottleneck != adapter.bottleneck

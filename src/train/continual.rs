@@ -219,7 +219,7 @@ pub fn evaluate_on_store<B: Backend>(
 /// Adapter metadata of a candidate: version lineage and its gate metrics.
 pub fn candidate_meta(
     adapter: crate::model::AdapterConfig,
-    base_model: String,
+    base: &crate::model::BaseModel,
     version: u64,
     parent: u64,
     metrics: &RetrievalMetrics,
@@ -227,7 +227,8 @@ pub fn candidate_meta(
 ) -> AdapterMeta {
     AdapterMeta {
         adapter,
-        base_model,
+        base_model: base.fingerprint.clone(),
+        base_architecture: base.architecture.clone(),
         version,
         parent: Some(parent),
         created_at,

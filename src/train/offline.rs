@@ -38,6 +38,21 @@ const PREFETCH_BATCHES: usize = 4;
 /// Log a step line every this many steps.
 const LOG_EVERY: usize = 10;
 
+/// How a dataset without a `val` split (RSITMD, UCM, Sydney) is used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Hold out `val_fraction` of the training images to select the checkpoint; the test
+    /// split is never seen during training.
+    #[default]
+    Holdout,
+    /// The paper's: train on every training image and evaluate each epoch on the test split,
+    /// as PE-RSITR's (and its predecessors') code does; `best` is then chosen on test
+    /// (optimistic), `last` is the figure that saw no test data. With a `val` split (RSICD)
+    /// both protocols use it.
+    Paper,
+}
+
 /// The training configuration, written to `OUT/train-config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -57,6 +72,9 @@ pub struct TrainConfig {
     pub lr_decay_every: usize,
     /// Fraction of training images held out for validation when the dataset has no `val`.
     pub val_fraction: f64,
+    /// Which images train and which select the checkpoint (see [`Protocol`]).
+    #[serde(default)]
+    pub protocol: Protocol,
     pub seed: u64,
     pub loss: LossKind,
     pub max_pixels: u64,
@@ -287,7 +305,18 @@ pub fn train<AB: AutodiffBackend>(
     };
     std::fs::create_dir_all(&out.root).map_err(io_error(&out.root))?;
     let dataset = Arc::new(Dataset::load(&config.dataset, &config.images)?);
-    let (train_images, val_images) = split_train_val(&dataset, config.val_fraction, config.seed);
+    let (train_images, val_images) = match config.protocol {
+        Protocol::Holdout => split_train_val(&dataset, config.val_fraction, config.seed),
+        Protocol::Paper => {
+            let val = dataset.split(Split::Val);
+            let selection = if val.is_empty() {
+                dataset.split(Split::Test)
+            } else {
+                val
+            };
+            (dataset.split(Split::Train), selection)
+        }
+    };
     if train_images.len() < 2 || val_images.is_empty() {
         return Err(TrainError::Invalid(format!(
             "need at least 2 training and 1 validation image, have {} and {}",
@@ -382,6 +411,7 @@ pub fn train<AB: AutodiffBackend>(
     let meta_for = |metrics: &RetrievalMetrics, epoch: usize| AdapterMeta {
         adapter: config.adapter_config.clone(),
         base_model: base.fingerprint.clone(),
+        base_architecture: base.architecture.clone(),
         version,
         parent: parent.as_ref().map(|p| p.version),
         created_at: now_rfc3339(),

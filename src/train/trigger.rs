@@ -320,7 +320,7 @@ impl<B: Backend> Trainer<B> {
         let nan = RetrievalMetrics::nan();
         let meta = continual::candidate_meta(
             candidate.embedder.adapter_config.clone(),
-            candidate.embedder.base.fingerprint.clone(),
+            &candidate.embedder.base,
             version,
             parent,
             candidate_metrics.as_ref().unwrap_or(&nan),

@@ -251,7 +251,8 @@ enum Command {
         /// Model directory or hub id; without it, a random-weight model of --preset size.
         #[arg(long)]
         model: Option<String>,
-        /// Size of the random model when --model is absent.
+        /// Size of the random model when --model is absent: vit-b-32 (the HF config) or an
+        /// open_clip architecture (ViT-B-16, ViT-L-14, ViT-L-14-336, …).
         #[arg(long, default_value = "vit-b-32")]
         preset: String,
         /// cpu, cuda or cuda:N. Default: model.device of the configuration.
@@ -836,7 +837,15 @@ fn bench_command<B: Backend>(
         None => {
             let config = match preset {
                 "vit-b-32" => ClipConfig::vit_base_patch32(),
-                other => bail!("unknown preset `{other}` (expected vit-b-32)"),
+                other => rsitrd::model::openclip::named(other)
+                    .with_context(|| {
+                        format!(
+                            "unknown preset `{other}` (expected vit-b-32 or an open_clip \
+                             architecture: {})",
+                            rsitrd::model::openclip::ARCHITECTURES.join(", ")
+                        )
+                    })?
+                    .to_clip_config()?,
             };
             let adapter = AdapterConfig::default_for(&config);
             let model = config.init::<AB<B>>(&adapter, device);

@@ -59,6 +59,13 @@ class AdaptedMlp(nn.Module):
     def forward(self, h):
         return self.mlp(h) + self.adapter[0](self.stash.x, self.modality)
 
+    def __getattr__(self, name):
+        # open_clip reads attributes of the MLP (its `c_fc` weight dtype).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.mlp, name)
+
 
 EMB_DROPOUT = {"p": 0.0}
 
@@ -94,6 +101,9 @@ def main():
     parser.add_argument("--captions")
     parser.add_argument("--only", default="image,text,train,matmul")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--arch", default=None,
+                        help="an open_clip architecture (ViT-B-16, ViT-L-14, ...) built by open_clip "
+                             "itself, instead of transformers' ViT-B/32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +120,8 @@ def main():
         length = int((full == 49407).int().argmax(dim=1).max()) + 1  # trim padding like rsitrd
         return full[:, :length]
 
+    if args.arch:
+        return open_clip_bench(args, captions, batch, ids)
     model = CLIPModel(CLIPConfig(projection_dim=512)).eval()
     adapter = MRSAdapter()
     install(model, adapter)
@@ -173,6 +185,84 @@ def main():
     report["trainable_params"] = sum(p.numel() for p in adapter.parameters())
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(report))
+
+
+def install_open_clip(model, adapter):
+    """The same adapter placement in open_clip's blocks: x + attn(ln_1 x), then
+    x + mlp(ln_2 x) + adapter(x); embedding dropout on ln_pre's output and the text input."""
+    for modality, blocks in [("v", model.visual.transformer.resblocks), ("t", model.transformer.resblocks)]:
+        for block in blocks:
+            stash = Stash(block.ln_2)
+            block.ln_2 = stash
+            block.mlp = AdaptedMlp(block.mlp, stash, adapter, modality)
+    drop = lambda module, inputs, output: F.dropout(output, EMB_DROPOUT["p"], True) if EMB_DROPOUT["p"] else output
+    model.visual.ln_pre.register_forward_hook(drop)
+    model.transformer.register_forward_pre_hook(
+        lambda module, args: (F.dropout(args[0], EMB_DROPOUT["p"], True),) + tuple(args[1:]) if EMB_DROPOUT["p"] else None)
+
+
+def open_clip_bench(args, captions, batch, ids):
+    import open_clip
+    n = args.batch_size
+    model = open_clip.create_model(args.arch, pretrained=None).eval()
+    vision_width = model.visual.conv1.weight.shape[0]
+    text_width = model.token_embedding.weight.shape[1]
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    adapter = MRSAdapter(d_vision=vision_width, d_text=text_width)
+    install_open_clip(model, adapter)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter.parameters():
+        p.requires_grad_(True)
+    report = {"device": "cpu", "framework": f"torch {torch.__version__} + open_clip {open_clip.__version__}",
+              "arch": args.arch, "threads": torch.get_num_threads(), "batch_size": n,
+              "iterations": args.iterations}
+    only = args.only.split(",")
+
+    def timed(body):
+        body(0)
+        start = time.perf_counter()
+        for i in range(1, args.iterations + 1):
+            body(i)
+        return time.perf_counter() - start
+
+    rate = lambda seconds: args.iterations * n / seconds
+    norm = lambda x: F.normalize(x, dim=-1)
+    pixels = torch.randn(n, 3, size, size)
+    if "image" in only:
+        with torch.no_grad():
+            report["image_embed_per_s"] = rate(timed(lambda i: norm(model.encode_image(pixels))))
+    if "text" in only:
+        with torch.no_grad():
+            report["text_embed_per_s"] = rate(timed(lambda i: norm(model.encode_text(ids_full(batch(i))))))
+    if "train" in only:
+        model.train()
+        optimizer = torch.optim.Adam(adapter.parameters(), lr=2e-4)
+
+        def step(i):
+            input_ids = ids_full(batch(i))
+            images = torch.randn(n, 3, size, size)
+            EMB_DROPOUT["p"] = 0.0
+            img, txt = norm(model.encode_image(images)), norm(model.encode_text(input_ids))
+            EMB_DROPOUT["p"] = 0.2
+            img_aug, txt_aug = norm(model.encode_image(images)), norm(model.encode_text(input_ids))
+            EMB_DROPOUT["p"] = 0.0
+            loss = hinge(img, txt) + hinge(img, img_aug) + hinge(txt, txt_aug)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        seconds = timed(step)
+        report["train_pairs_per_s"] = rate(seconds)
+        report["train_step_ms"] = 1000 * seconds / args.iterations
+    report["trainable_params"] = sum(p.numel() for p in adapter.parameters())
+    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(report))
+
+
+def ids_full(texts):
+    # open_clip's text tower takes the full context (its causal mask is built for 77).
+    return tokenize(texts, context_length=77)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,16 @@ fn serve_hub() -> (String, Arc<AtomicUsize>) {
             }
             counter.fetch_add(1, Ordering::SeqCst);
             let path = request_line.split_whitespace().nth(1).unwrap_or("");
-            let body = path
-                .strip_prefix("/test-org/tiny-clip/resolve/main/")
-                .and_then(|file| std::fs::read(fixture("tiny-clip").join(file)).ok());
+            let body = match path.strip_prefix("/test-org/remote-clip/resolve/main/") {
+                // An open_clip training checkpoint in a folder of the repository.
+                Some("ckpt/RS-ViT-L-14.pt") => {
+                    std::fs::read(fixture("openclip-l14-gelu/checkpoint.pt")).ok()
+                }
+                Some(_) => None,
+                None => path
+                    .strip_prefix("/test-org/tiny-clip/resolve/main/")
+                    .and_then(|file| std::fs::read(fixture("tiny-clip").join(file)).ok()),
+            };
             match body {
                 Some(body) => {
                     write!(
@@ -136,4 +143,45 @@ fn missing_repo_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("404"), "{stderr}");
+}
+
+#[test]
+fn an_open_clip_file_in_a_hub_repository_downloads_once_and_loads() {
+    let cache = tempfile::tempdir().unwrap();
+    let (endpoint, requests) = serve_hub();
+    let run = |endpoint: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rsitrd"))
+            .args([
+                "embed",
+                "--json",
+                "--model",
+                "test-org/remote-clip:ckpt/RS-ViT-L-14.pt#auto",
+            ])
+            .args(["--text", "a harbor"])
+            .env("HF_ENDPOINT", endpoint)
+            .env("RSITRD_CACHE_DIR", cache.path())
+            .output()
+            .unwrap()
+    };
+    let first = run(&endpoint);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "the checkpoint only");
+    let line: serde_json::Value =
+        serde_json::from_slice(first.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(
+        line["embedding"].as_array().unwrap().len(),
+        16,
+        "its embed_dim"
+    );
+    let second = run("http://127.0.0.1:1");
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(first.stdout, second.stdout, "from the cache");
 }

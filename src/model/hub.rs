@@ -170,7 +170,12 @@ fn download(endpoint: &str, repo: &str, file: &str, target: &Path) -> Result<(),
         .and_then(|v| v.parse::<u64>().ok());
     let dir = target.parent().expect("cache file has a parent");
     std::fs::create_dir_all(dir).map_err(cache_error)?;
-    let temp = dir.join(format!(".{file}.part-{}", std::process::id()));
+    // Named after the target's own file name: `file` may be a path inside the repository.
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.part-{}", std::process::id()));
     let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let bar = indicatif::ProgressBar::new(length.unwrap_or(0));
         bar.set_style(

@@ -81,6 +81,25 @@ def install(model, adapter):
     model.vision_model.pre_layrnorm.register_forward_hook(drop)
 
 
+def freeze_all_but(model, adapter):
+    """The frozen backbone: only the adapter trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter.parameters():
+        p.requires_grad_(True)
+
+
+def timer(iterations):
+    """Seconds of `iterations` calls of a body after one warm-up call."""
+    def timed(body):
+        body(0)
+        start = time.perf_counter()
+        for i in range(1, iterations + 1):
+            body(i)
+        return time.perf_counter() - start
+    return timed
+
+
 def hinge(a, b, margin=0.2):
     s = a @ b.t()
     d = s.diag().view(-1, 1)
@@ -88,6 +107,19 @@ def hinge(a, b, margin=0.2):
     cost_s = (margin + s - d).clamp(min=0).masked_fill(eye, 0)
     cost_im = (margin + s - d.t()).clamp(min=0).masked_fill(eye, 0)
     return cost_s.max(1)[0].sum() + cost_im.max(0)[0].sum()
+
+
+def hmmc_step(encode_image, encode_text, images, input_ids, optimizer):
+    """One PE-RSITR step: plain and embedding-dropout views, the three HMMC terms, Adam."""
+    EMB_DROPOUT["p"] = 0.0
+    img, txt = encode_image(images), encode_text(input_ids)
+    EMB_DROPOUT["p"] = 0.2
+    img_aug, txt_aug = encode_image(images), encode_text(input_ids)
+    EMB_DROPOUT["p"] = 0.0
+    loss = hinge(img, txt) + hinge(img, img_aug) + hinge(txt, txt_aug)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
 
 
 def features(out):
@@ -125,20 +157,12 @@ def main():
     model = CLIPModel(CLIPConfig(projection_dim=512)).eval()
     adapter = MRSAdapter()
     install(model, adapter)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in adapter.parameters():
-        p.requires_grad_(True)
+    freeze_all_but(model, adapter)
     report = {"device": "cpu", "framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
               "batch_size": n, "iterations": args.iterations}
     only = args.only.split(",")
 
-    def timed(body):
-        body(0)
-        start = time.perf_counter()
-        for i in range(1, args.iterations + 1):
-            body(i)
-        return time.perf_counter() - start
+    timed = timer(args.iterations)
 
     rate = lambda seconds: args.iterations * n / seconds
     pixels = torch.randn(n, 3, 224, 224)
@@ -155,17 +179,9 @@ def main():
         def step(i):
             input_ids = ids(batch(i))
             images = torch.randn(n, 3, 224, 224)
-            EMB_DROPOUT["p"] = 0.0
-            img = features(model.get_image_features(pixel_values=images))
-            txt = features(model.get_text_features(input_ids=input_ids))
-            EMB_DROPOUT["p"] = 0.2
-            img_aug = features(model.get_image_features(pixel_values=images))
-            txt_aug = features(model.get_text_features(input_ids=input_ids))
-            EMB_DROPOUT["p"] = 0.0
-            loss = hinge(img, txt) + hinge(img, img_aug) + hinge(txt, txt_aug)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            hmmc_step(lambda x: features(model.get_image_features(pixel_values=x)),
+                      lambda t: features(model.get_text_features(input_ids=t)),
+                      images, input_ids, optimizer)
 
         seconds = timed(step)
         report["train_pairs_per_s"] = rate(seconds)
@@ -210,21 +226,13 @@ def open_clip_bench(args, captions, batch, ids):
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     adapter = MRSAdapter(d_vision=vision_width, d_text=text_width)
     install_open_clip(model, adapter)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in adapter.parameters():
-        p.requires_grad_(True)
+    freeze_all_but(model, adapter)
     report = {"device": "cpu", "framework": f"torch {torch.__version__} + open_clip {open_clip.__version__}",
               "arch": args.arch, "threads": torch.get_num_threads(), "batch_size": n,
               "iterations": args.iterations}
     only = args.only.split(",")
 
-    def timed(body):
-        body(0)
-        start = time.perf_counter()
-        for i in range(1, args.iterations + 1):
-            body(i)
-        return time.perf_counter() - start
+    timed = timer(args.iterations)
 
     rate = lambda seconds: args.iterations * n / seconds
     norm = lambda x: F.normalize(x, dim=-1)
@@ -242,15 +250,8 @@ def open_clip_bench(args, captions, batch, ids):
         def step(i):
             input_ids = ids_full(batch(i))
             images = torch.randn(n, 3, size, size)
-            EMB_DROPOUT["p"] = 0.0
-            img, txt = norm(model.encode_image(images)), norm(model.encode_text(input_ids))
-            EMB_DROPOUT["p"] = 0.2
-            img_aug, txt_aug = norm(model.encode_image(images)), norm(model.encode_text(input_ids))
-            EMB_DROPOUT["p"] = 0.0
-            loss = hinge(img, txt) + hinge(img, img_aug) + hinge(txt, txt_aug)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            hmmc_step(lambda x: norm(model.encode_image(x)), lambda t: norm(model.encode_text(t)),
+                      images, input_ids, optimizer)
 
         seconds = timed(step)
         report["train_pairs_per_s"] = rate(seconds)

@@ -208,6 +208,19 @@ fn open_clip_training_checkpoint_l14_gelu_matches_open_clip() {
         rsitrd::model::config::backbone_params(&config) as u64,
         reference_params("openclip-l14-gelu")
     );
+    // The same checkpoint elsewhere (another cache, another machine) is the same backbone.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let copy = elsewhere.path().join("moved.pt");
+    std::fs::copy(&file, &copy).unwrap();
+    let moved =
+        rsitrd::model::openclip::prepare_dir(&copy, Some("auto"), elsewhere.path()).unwrap();
+    let fingerprint = |dir: &std::path::Path| {
+        Embedder::<Flex>::load(dir, None, &Default::default())
+            .unwrap()
+            .base
+            .fingerprint
+    };
+    assert_eq!(fingerprint(&dir), fingerprint(&moved));
     // The wrong architecture named: refused, the mismatched tensors named.
     let wrong =
         rsitrd::model::openclip::prepare_dir(&file, Some("ViT-B-32"), cache.path()).unwrap();

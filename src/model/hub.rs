@@ -18,7 +18,7 @@ pub const MODEL_FILES: [&str; 2] = ["config.json", "model.safetensors"];
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(
-        "model `{spec}` is neither a local directory nor a hub id like `openai/clip-vit-base-patch32`"
+        "model `{spec}` is neither a local directory, an open_clip checkpoint (`FILE.pt#ARCH`, `owner/repo:FILE.pt#ARCH`) nor a hub id like `openai/clip-vit-base-patch32`"
     )]
     NotFound { spec: String },
     #[error(

@@ -98,9 +98,14 @@ fn read_error(path: &Path, reason: impl ToString) -> WeightsError {
 
 /// BLAKE3 over `config.json` and the weights file.
 fn fingerprint(config: &Path, weights: &Path) -> Result<String, WeightsError> {
-    let mut hasher = blake3::Hasher::new();
     let config_bytes = std::fs::read(config).map_err(|e| read_error(config, e))?;
-    hasher.update(&config_bytes);
+    fingerprint_of(&config_bytes, weights)
+}
+
+/// BLAKE3 over configuration bytes and the weights file.
+fn fingerprint_of(config_bytes: &[u8], weights: &Path) -> Result<String, WeightsError> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(config_bytes);
     hasher
         .update_mmap_rayon(weights)
         .map_err(|e| read_error(weights, e))?;
@@ -246,7 +251,12 @@ fn load_open_clip<B: Backend>(
     let (model, logit_scale) =
         open_clip_model::<B>(&config, tensors, adapter, &weights_path, device)?;
     let base = BaseModel {
-        fingerprint: fingerprint(&dir.join(super::openclip::CONFIG_FILE), &weights_path)?,
+        // The architecture and the weights, not where they sit: the same checkpoint in another
+        // cache (a query replica, another machine) is the same backbone.
+        fingerprint: fingerprint_of(
+            &serde_json::to_vec(&open_clip.model_cfg).expect("serializable"),
+            &weights_path,
+        )?,
         source: weights_path.display().to_string(),
         architecture: open_clip
             .architecture

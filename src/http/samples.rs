@@ -64,11 +64,6 @@ impl Thumbnails {
                 .put(key, bytes, self.capacity);
         }
     }
-
-    /// Bytes held (for tests and the status page).
-    pub fn cached_bytes(&self) -> usize {
-        self.cache.lock().expect("cache lock").bytes
-    }
 }
 
 /// A least-recently-used map bounded by the bytes of its values.

@@ -265,3 +265,31 @@ fn reference_params(model: &str) -> u64 {
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
     value["params"].as_u64().expect("params")
 }
+
+#[test]
+fn a_hostile_open_clip_file_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("empty.pt", Vec::new()),
+        (
+            "garbage.pt",
+            b"PK\x03\x04 not really a zip \xff\xfe".to_vec(),
+        ),
+    ] {
+        let file = dir.path().join(name);
+        std::fs::write(&file, &bytes).unwrap();
+        // Inferring the architecture reads the file: refused, not a panic.
+        let error = rsitrd::model::openclip::prepare_dir(&file, Some("auto"), dir.path())
+            .err()
+            .expect("nothing to infer from");
+        assert!(!error.is_empty());
+        // Named architecture: the load refuses, naming the file.
+        let model =
+            rsitrd::model::openclip::prepare_dir(&file, Some("ViT-B-32"), dir.path()).unwrap();
+        let error = Embedder::<Flex>::load(&model, None, &Default::default())
+            .err()
+            .expect("not a checkpoint")
+            .to_string();
+        assert!(error.contains(name), "{error}");
+    }
+}

@@ -280,8 +280,7 @@ fn a_hostile_open_clip_file_is_refused_with_its_name() {
         std::fs::write(&file, &bytes).unwrap();
         // Inferring the architecture reads the file: refused, not a panic.
         let error = rsitrd::model::openclip::prepare_dir(&file, Some("auto"), dir.path())
-            .err()
-            .expect("nothing to infer from");
+            .expect_err("nothing to infer from");
         assert!(!error.is_empty());
         // Named architecture: the load refuses, naming the file.
         let model =

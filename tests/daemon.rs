@@ -773,13 +773,33 @@ fn sigkill_during_promotions_and_rollbacks(backend: &[(String, String)]) {
             "the round's samples stored",
             || daemon.get("/v1/status").1["samples"]["samples"] == samples,
         );
+        let (_, before) = daemon.get("/v1/status");
         assert_eq!(daemon.post("/v1/train", &json!({})).0, 202);
-        if rng.random_bool(0.5) {
+        let catch_promotion = round % 3 == 1;
+        if !catch_promotion && rng.random_bool(0.5) {
             std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
             let (code, body) = daemon.post("/v1/rollback", &json!({}));
             assert!([200, 409].contains(&code), "rollback: {code} {body}");
         }
-        let promoting = {
+        // Every third round waits for the switch to start and kills it at once (a random
+        // sleep alone can miss a promotion that takes well under a second on a fast CPU);
+        // the others kill at a random point.
+        let promoting = if catch_promotion {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let (_, status) = daemon.get("/v1/status");
+                if !status["promotion"].is_null() {
+                    break true;
+                }
+                // Missed: the run's switch already finished between two polls.
+                if status["adapter_version"] != before["adapter_version"]
+                    || std::time::Instant::now() > deadline
+                {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        } else {
             std::thread::sleep(Duration::from_millis(rng.random_range(0..2500)));
             !daemon.get("/v1/status").1["promotion"].is_null()
         };

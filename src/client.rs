@@ -6,7 +6,7 @@
 use anyhow::{Context, Result, bail};
 
 use crate::config::Config;
-use crate::store::{SampleId, SplitPolicy, Store};
+use crate::store::{SampleId, Store};
 
 /// POSTs `body` to the running daemon's API (with the bearer token when one is set); `None`
 /// when no daemon answers at `http.listen`.
@@ -43,14 +43,8 @@ pub fn post_to_daemon(
 
 fn open_store(config: &Config) -> Result<Store> {
     let dir = config.store.store_dir();
-    Store::open(
-        &dir,
-        SplitPolicy {
-            val_fraction: config.store.val_fraction,
-            seed: config.store.split_seed,
-        },
-    )
-    .with_context(|| format!("cannot open the store in {}", dir.display()))
+    Store::open_configured(&config.store)
+        .with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 
 /// Rolls back to `to` (or the previous kept version); the daemon's answer, or

@@ -193,9 +193,44 @@ pub struct TrainingSection {
     /// Replayed older training samples per new one (against forgetting).
     #[serde(default = "default_replay_ratio")]
     pub replay_ratio: f64,
+    /// Learning rate over a run's steps (each run starts a fresh Adam).
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Decay of an exponential moving average of the adapter weights over a run's steps,
+    /// started at the parent adapter; the average is the candidate. 0: off (the last step's
+    /// weights are the candidate).
+    #[serde(default)]
+    pub ema_decay: f64,
     #[serde(default = "default_split_seed")]
     pub seed: u64,
 }
+
+/// Learning rate within one training run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `lr` at every step.
+    #[default]
+    Constant,
+    /// `lr · (1 + cos(π·t/steps)) / 2`: full at the first step, near zero at the last.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The rate of step `step` (0-based) of `steps`.
+    pub fn lr_at(self, lr: f64, step: usize, steps: usize) -> f64 {
+        match self {
+            Self::Constant => lr,
+            Self::Cosine => {
+                let t = step as f64 / steps.max(1) as f64;
+                lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
+/// Largest `training.replay_ratio` accepted.
+pub const MAX_REPLAY_RATIO: f64 = 16.0;
 
 fn default_min_new_samples() -> u64 {
     64
@@ -226,6 +261,8 @@ impl Default for TrainingSection {
             batch_size: default_train_batch(),
             lr: default_train_lr(),
             replay_ratio: default_replay_ratio(),
+            lr_schedule: LrSchedule::default(),
+            ema_decay: 0.0,
             seed: default_split_seed(),
         }
     }
@@ -235,6 +272,10 @@ impl Default for TrainingSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GateSection {
+    /// Off: every candidate whose losses stayed finite is promoted, unevaluated (for
+    /// measurements such as `rsitrd stream-eval`'s naive bound, not for serving).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
     /// Largest accepted drop of slice mR, in percentage points, against the live version and
     /// against the best version promoted so far.
     #[serde(default = "default_mr_tolerance")]
@@ -247,6 +288,14 @@ pub struct GateSection {
     /// Validation samples in the gate's evaluation slice (half the newest, half older ones).
     #[serde(default = "default_slice_size")]
     pub slice_size: usize,
+    /// Fraction of the slice drawn from older validation samples (the rest are the newest),
+    /// so that forgetting of earlier data is what the gate sees, not only the new data.
+    #[serde(default = "default_old_fraction")]
+    pub old_fraction: f64,
+}
+
+fn default_old_fraction() -> f64 {
+    0.5
 }
 
 /// Fewest slice samples for which `tolerance` (mR points) is a meaningful margin.
@@ -282,8 +331,10 @@ impl Default for GateSection {
     fn default() -> Self {
         Self {
             mr_tolerance: default_mr_tolerance(),
+            enabled: true,
             min_val_samples: None,
             slice_size: default_slice_size(),
+            old_fraction: default_old_fraction(),
         }
     }
 }
@@ -795,6 +846,18 @@ impl Config {
             || self.training.replay_ratio < 0.0
         {
             return Err("training.lr must be positive and training.replay_ratio >= 0".into());
+        }
+        // Replay is drawn per new sample: a bound keeps one run's sample list bounded.
+        if self.training.replay_ratio > MAX_REPLAY_RATIO {
+            return Err(format!(
+                "training.replay_ratio must be at most {MAX_REPLAY_RATIO}"
+            ));
+        }
+        if !(0.0..1.0).contains(&self.training.ema_decay) {
+            return Err("training.ema_decay must be in [0, 1)".into());
+        }
+        if !(0.0..=1.0).contains(&self.gate.old_fraction) {
+            return Err("gate.old_fraction must be in [0, 1]".into());
         }
         if self.gate.mr_tolerance.is_nan() || self.gate.mr_tolerance < 0.0 {
             return Err("gate.mr_tolerance must be >= 0".into());

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::serve::Backbone;
-use crate::store::{SplitPolicy, Store};
+use crate::store::Store;
 use crate::versions::{Owner, VersionError};
 
 /// Why the daemon cannot start.
@@ -58,13 +58,7 @@ where
     B::Device: Send + Sync,
 {
     zero_counters(&config);
-    let store = Arc::new(Store::open(
-        &config.store.store_dir(),
-        SplitPolicy {
-            val_fraction: config.store.val_fraction,
-            seed: config.store.split_seed,
-        },
-    )?);
+    let store = Arc::new(Store::open_configured(&config.store)?);
     let index = crate::index::open(&config.index, &config.store.dir)?;
     let adapters_dir = config.adapters_dir();
     std::fs::create_dir_all(&adapters_dir).map_err(|error| DaemonError::Dir {

@@ -39,6 +39,7 @@ pub mod replica;
 pub mod serve;
 pub mod store;
 pub mod stored;
+pub mod streameval;
 pub mod train;
 pub mod versions;
 pub mod web;

@@ -246,6 +246,45 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Stream datasets task by task through the daemon's continual path (train, gate,
+    /// promote) and measure what it learns and forgets, with zero-shot, joint and naive
+    /// bounds (docs/continual.md).
+    StreamEval {
+        /// Model directory (HF layout) or hub id. Default: model.dir of the configuration.
+        #[arg(long)]
+        model: Option<String>,
+        /// Karpathy JSON file (repeatable, each with its --images, in the same order).
+        #[arg(long, required = true)]
+        dataset: Vec<PathBuf>,
+        #[arg(long, required = true)]
+        images: Vec<PathBuf>,
+        /// How the data becomes tasks: dataset, field:NAME (a field of the entries, e.g.
+        /// field:source) or time:N (N chunks in file order).
+        #[arg(long, default_value = "dataset")]
+        tasks: rsitrd::streameval::TaskSplit,
+        /// A task order, comma-separated task names (repeatable). Default: as they appear.
+        #[arg(long)]
+        order: Vec<String>,
+        /// Seeds, comma-separated: every order runs once per seed.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        seeds: Vec<u64>,
+        /// Another configuration to stream with: NAME:section.key=value,… (repeatable). The
+        /// configuration as loaded always runs, as `configured`.
+        #[arg(long)]
+        variant: Vec<String>,
+        /// Skip the joint and naive bounds (zero-shot is always measured).
+        #[arg(long)]
+        no_bounds: bool,
+        /// test: each task's test images; seen: its streamed images (retention).
+        #[arg(long, value_enum, default_value = "test")]
+        eval_split: rsitrd::streameval::EvalSplit,
+        /// cpu, cuda or cuda:N. Default: model.device of the configuration.
+        #[arg(long)]
+        device: Option<DeviceChoice>,
+        /// Directory for report.json and report.svg.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time image/text embedding and adapter training on a device.
     Bench {
         /// Model directory or hub id; without it, a random-weight model of --preset size.
@@ -300,6 +339,7 @@ fn init_tracing() {
 }
 
 fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
+    let config_path = cli.config.clone();
     let config = Config::from_process(cli.config.as_deref())?;
     let model_of = |model: Option<String>| model.unwrap_or_else(|| config.model.dir.clone());
     let device_of = |device: Option<DeviceChoice>| device.unwrap_or(config.model.device);
@@ -512,6 +552,34 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
+        Command::StreamEval {
+            model,
+            dataset,
+            images,
+            tasks,
+            order,
+            seeds,
+            variant,
+            no_bounds,
+            eval_split,
+            device,
+            out,
+        } => {
+            let job = StreamJob {
+                model: hub::resolve_model(&model_of(model))?,
+                datasets: dataset,
+                images,
+                tasks,
+                orders: order,
+                seeds,
+                variants: variant,
+                bounds: !no_bounds,
+                eval_split,
+                out,
+            };
+            let device = device_of(device);
+            stream_eval_command(config_path.as_deref(), config.clone(), job, device)
+        }
         Command::Bench {
             model,
             preset,
@@ -552,12 +620,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
 }
 
 fn open_store(config: &Config) -> Result<rsitrd::store::Store> {
-    let policy = rsitrd::store::SplitPolicy {
-        val_fraction: config.store.val_fraction,
-        seed: config.store.split_seed,
-    };
     let dir = config.store.store_dir();
-    rsitrd::store::Store::open(&dir, policy)
+    rsitrd::store::Store::open_configured(&config.store)
         .with_context(|| format!("cannot open the store in {}", dir.display()))
 }
 
@@ -622,6 +686,120 @@ fn ingest_command(config: &Config) -> Result<()> {
         tracing::info!("ingestion stopped");
         Ok(())
     })
+}
+
+/// `rsitrd stream-eval`'s arguments.
+struct StreamJob {
+    model: PathBuf,
+    datasets: Vec<PathBuf>,
+    images: Vec<PathBuf>,
+    tasks: rsitrd::streameval::TaskSplit,
+    orders: Vec<String>,
+    seeds: Vec<u64>,
+    variants: Vec<String>,
+    bounds: bool,
+    eval_split: rsitrd::streameval::EvalSplit,
+    out: PathBuf,
+}
+
+fn stream_eval_command(
+    config_path: Option<&Path>,
+    config: Config,
+    job: StreamJob,
+    device: DeviceChoice,
+) -> Result<()> {
+    use rsitrd::streameval::{self, Plan, Variant};
+    if job.datasets.len() != job.images.len() {
+        bail!("give one --images per --dataset");
+    }
+    if job.seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    let mut datasets = Vec::new();
+    for (path, images) in job.datasets.iter().zip(&job.images) {
+        // The file's stem names it, or its folder's when the file is a generic dataset.json.
+        let stem = path.file_stem().map(|s| s.to_string_lossy().to_string());
+        let name = match stem.as_deref() {
+            Some("dataset") | None => path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map_or_else(|| "dataset".into(), |n| n.to_string_lossy().to_string()),
+            Some(stem) => stem.to_string(),
+        };
+        datasets.push((name, load_dataset(path, images)?));
+    }
+    let tasks = streameval::make_tasks(&datasets, &job.tasks, job.eval_split)?;
+    let orders = if job.orders.is_empty() {
+        vec![(0..tasks.len()).collect()]
+    } else {
+        job.orders
+            .iter()
+            .map(|spec| streameval::parse_order(spec, &tasks))
+            .collect::<Result<_, _>>()?
+    };
+    let mut variants = vec![Variant {
+        name: "configured".into(),
+        overrides: Vec::new(),
+        config,
+    }];
+    let mut specs: Vec<(String, Vec<(String, String)>)> = job
+        .variants
+        .iter()
+        .map(|spec| streameval::parse_variant(spec))
+        .collect::<Result<_, _>>()?;
+    if job.bounds {
+        let naive = streameval::NAIVE
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        specs.push(("naive".into(), naive));
+    }
+    for (name, overrides) in specs {
+        if variants.iter().any(|v| v.name == name)
+            || ["zero-shot", "joint"].contains(&name.as_str())
+        {
+            bail!("variant name {name} is used twice or reserved");
+        }
+        let env = std::env::vars().chain(streameval::as_env(&overrides));
+        let config = Config::load(config_path, env).with_context(|| format!("variant {name}"))?;
+        variants.push(Variant {
+            name,
+            overrides,
+            config,
+        });
+    }
+    std::fs::create_dir_all(&job.out)?;
+    let plan = Plan {
+        model_dir: job.model,
+        tasks,
+        orders,
+        seeds: job.seeds,
+        variants,
+        joint: job.bounds,
+        eval_split: job.eval_split,
+        work_dir: job.out.join("work"),
+    };
+    let report = with_backend!(device, B, device => {
+        streameval::run::<B>(&plan, &device, |run| {
+            eprintln!(
+                "{} seed {} order {}: final mR {:.2} ({:.1} s)",
+                run.variant,
+                run.seed,
+                run.order.join(">"),
+                run.average_final,
+                run.compute.seconds
+            );
+        })
+        .map_err(anyhow::Error::from)
+    })?;
+    let _ = std::fs::remove_dir_all(&plan.work_dir);
+    let json = job.out.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    let svg = job.out.join("report.svg");
+    std::fs::write(&svg, report.svg())?;
+    print!("{}", report.table());
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
 }
 
 fn load_dataset(dataset: &Path, images: &Path) -> Result<Dataset> {

@@ -47,6 +47,9 @@ pub struct DatasetImage {
     pub split: Split,
     /// At least one, none empty.
     pub captions: Vec<String>,
+    /// The entry's other scalar fields, as text (Karpathy JSON: e.g. rs-mini's `source`,
+    /// RSITMD's keywords are not scalar and are left out); empty for precomp files.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// A validated dataset.
@@ -252,14 +255,33 @@ fn parse_karpathy(path: &Path, problems: &mut Vec<String>) -> Vec<DatasetImage> 
                 )),
             }
         }
+        let tags = entry
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| !KARPATHY_FIELDS.contains(&key.as_str()))
+            .filter_map(|(key, value)| {
+                let text = match value {
+                    serde_json::Value::String(text) => text.clone(),
+                    serde_json::Value::Number(number) => number.to_string(),
+                    serde_json::Value::Bool(flag) => flag.to_string(),
+                    _ => return None,
+                };
+                Some((key.clone(), text))
+            })
+            .collect();
         images.push(DatasetImage {
             filename,
             split,
             captions,
+            tags,
         });
     }
     images
 }
+
+/// Fields of a Karpathy entry that are the image itself, not tags of it.
+const KARPATHY_FIELDS: &[&str] = &["filename", "filepath", "split", "sentences", "sentids"];
 
 /// AMFMN precomp: for each split `S` in train/val/test present, `S_caps.txt` (one caption per
 /// line) and `S_filename.txt` (one name per image, or one per caption line).
@@ -315,11 +337,13 @@ fn parse_precomp(dir: &Path, problems: &mut Vec<String>) -> Vec<DatasetImage> {
                         filename,
                         split: s,
                         captions,
+                        ..
                     }) if filename == name && *s == split => captions.push(caption.clone()),
                     _ => images.push(DatasetImage {
                         filename: name.clone(),
                         split,
                         captions: vec![caption.clone()],
+                        tags: Default::default(),
                     }),
                 }
             }
@@ -340,6 +364,7 @@ fn parse_precomp(dir: &Path, problems: &mut Vec<String>) -> Vec<DatasetImage> {
                     filename: name.clone(),
                     split,
                     captions: chunk.to_vec(),
+                    tags: Default::default(),
                 });
             }
         } else {

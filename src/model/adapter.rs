@@ -114,6 +114,31 @@ fn seeded_down<B: Backend>(
 }
 
 impl<B: Backend> MrsAdapter<B> {
+    /// `self + t·(other − self)`, parameter by parameter (both of one configuration): the
+    /// step of an exponential moving average of adapter weights.
+    pub fn lerp(self, other: &Self, t: f64) -> Self {
+        let mix = |a: Linear<B>, b: &Linear<B>| {
+            let toward = |x: Tensor<B, 1>, y: Tensor<B, 1>| x.clone() + (y - x) * t;
+            let weight = a.weight.val();
+            let weight = weight.clone() + (b.weight.val() - weight) * t;
+            Linear {
+                weight: Param::from_tensor(weight),
+                bias: match (a.bias, &b.bias) {
+                    (Some(x), Some(y)) => Some(Param::from_tensor(toward(x.val(), y.val()))),
+                    (bias, _) => bias,
+                },
+            }
+        };
+        Self {
+            visual_down: mix(self.visual_down, &other.visual_down),
+            text_down: mix(self.text_down, &other.text_down),
+            visual_up: mix(self.visual_up, &other.visual_up),
+            text_up: mix(self.text_up, &other.text_up),
+            shared_up: mix(self.shared_up, &other.shared_up),
+            dropout: self.dropout,
+        }
+    }
+
     /// Adapter output for the residual stream `x`.
     ///
     /// - `x`: `[batch, tokens, d_model]` (post-attention residual stream, no LayerNorm)

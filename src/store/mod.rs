@@ -391,6 +391,17 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens the store of a configuration (`store.dir`/store, its split policy).
+    pub fn open_configured(config: &crate::config::StoreSection) -> Result<Self, StoreError> {
+        Self::open(
+            &config.store_dir(),
+            SplitPolicy {
+                val_fraction: config.val_fraction,
+                seed: config.split_seed,
+            },
+        )
+    }
+
     /// Opens (creating if needed) the store under `root`, as its only writer.
     pub fn open(root: &Path, policy: SplitPolicy) -> Result<Self, StoreError> {
         for dir in [root.to_path_buf(), root.join("blobs"), root.join("tmp")] {

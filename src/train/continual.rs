@@ -101,6 +101,9 @@ pub fn train_candidate<AB: AutodiffBackend>(
     order.sort_by_key(|&i| samples[i].id);
     let mut cursor = order.len();
     let (mut first_loss, mut last_loss, mut finite) = (f32::NAN, f32::NAN, true);
+    // The weight average starts at the parent: with a decay d over n steps the candidate
+    // keeps d^n of the parent, which limits how far one run can move away from what served.
+    let mut ema = (config.ema_decay > 0.0).then(|| start.model.adapter.clone());
     for step in 0..config.steps {
         if cancel.is_cancelled() {
             return Err(ContinualError::Cancelled);
@@ -141,9 +144,14 @@ pub fn train_candidate<AB: AutodiffBackend>(
         let losses: StepLosses = trainer.step(
             tensor,
             &tokenizer::batch_from_ids(&ids),
-            config.lr,
+            config.lr_schedule.lr_at(config.lr, step, config.steps),
             mix_seed(seed, step as u64),
         );
+        if let Some(average) = ema.take() {
+            use burn::module::AutodiffModule;
+            let current = trainer.model().adapter.valid();
+            ema = Some(average.lerp(&current, 1.0 - config.ema_decay));
+        }
         if step == 0 {
             first_loss = losses.total;
         }
@@ -153,9 +161,13 @@ pub fn train_candidate<AB: AutodiffBackend>(
             break;
         }
     }
+    let mut model = trainer.inference_model();
+    if let Some(average) = ema {
+        model.adapter = average;
+    }
     // The start's tokenizer is shared, not rebuilt.
     let embedder = Embedder {
-        model: trainer.inference_model(),
+        model,
         config: config_clip,
         tokenizer,
         base,

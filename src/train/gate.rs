@@ -2,8 +2,8 @@
 //! validation samples, its mR comes within `gate.mr_tolerance` of both the live version and
 //! the best version promoted so far (so promotions cannot drift down by a tolerance each).
 //!
-//! The slice mixes old and new validation samples: half the newest, half a seeded uniform
-//! draw of the older ones. It is rebuilt (a new number and identity) when the validation set
+//! The slice mixes old and new validation samples: the newest, and a seeded uniform draw of
+//! the older ones (`gate.old_fraction` of the slice, half by default). It is rebuilt (a new number and identity) when the validation set
 //! has grown by a quarter of the slice; until then every evaluation of an adapter on it is
 //! cached in the ledger, so a run evaluates the candidate only (the live and best versions
 //! once per slice). Every read is bounded by the slice size, never by the corpus.
@@ -20,9 +20,10 @@ use crate::store::{SampleSplit, Store, StoreError};
 pub fn slice_for_run(
     store: &Store,
     current: Option<&GateSlice>,
-    size: usize,
+    config: &GateSection,
     seed: u64,
 ) -> Result<Option<(GateSlice, bool)>, StoreError> {
+    let size = config.slice_size;
     let val = store.split_len(SampleSplit::Val)?;
     if val == 0 {
         return Ok(current.map(|s| (s.clone(), false)));
@@ -39,7 +40,8 @@ pub fn slice_for_run(
     let ids = if val <= size as u64 {
         store.split_ids(SampleSplit::Val, 0..val)?
     } else {
-        let newest = (size / 2) as u64;
+        let older_share = (size as f64 * config.old_fraction).round() as usize;
+        let newest = (size - older_share) as u64;
         let older = val - newest;
         let mut ids = store.split_ids(SampleSplit::Val, older..val)?;
         let mut rng =
@@ -124,6 +126,21 @@ pub fn decide(
             live.version, live.mr
         ),
     )
+}
+
+/// The verdict with the gate disabled: any candidate whose losses stayed finite.
+pub fn ungated(finite: bool) -> Verdict {
+    if finite {
+        Verdict {
+            promote: true,
+            decision: "promoted: gate disabled".into(),
+        }
+    } else {
+        Verdict {
+            promote: false,
+            decision: "rejected: a loss was not finite".into(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ impl<B: Backend> Trainer<B> {
         let slice = gate::slice_for_run(
             &self.store,
             ledger.slice.as_ref(),
-            config.gate.slice_size,
+            &config.gate,
             config.store.split_seed,
         )?;
         let slice = slice.map(|(slice, rebuilt)| {
@@ -222,7 +222,7 @@ impl<B: Backend> Trainer<B> {
             None => Vec::new(),
         };
         let needed = config.gate.min_slice();
-        let judged = candidate.finite && records.len() >= needed;
+        let judged = config.gate.enabled && candidate.finite && records.len() >= needed;
         let (mut live_metrics, mut best_side, mut best_metrics, mut candidate_metrics) =
             (None, None, None, None);
         let mut best = training.best;
@@ -237,6 +237,9 @@ impl<B: Backend> Trainer<B> {
             },
             None,
         );
+        if !config.gate.enabled {
+            verdict = gate::ungated(candidate.finite);
+        }
         if judged {
             let slice = slice.as_ref().expect("judged only with a slice");
             let live_m = self.metrics_on(

@@ -284,6 +284,13 @@ enum Command {
         /// Directory for report.json and report.svg.
         #[arg(long)]
         out: PathBuf,
+        /// Start every stream from an untrained adapter of this bottleneck instead of the
+        /// backbone's default shape (model.adapter must then be unset).
+        #[arg(long)]
+        bottleneck: Option<usize>,
+        /// With --bottleneck: the shared up layer's width.
+        #[arg(long)]
+        shared_width: Option<usize>,
     },
     /// Time image/text embedding and adapter training on a device.
     Bench {
@@ -564,6 +571,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             eval_split,
             device,
             out,
+            bottleneck,
+            shared_width,
         } => {
             let job = StreamJob {
                 model: hub::resolve_model(&model_of(model))?,
@@ -576,6 +585,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 bounds: !no_bounds,
                 eval_split,
                 out,
+                adapter_shape: (bottleneck, shared_width),
             };
             let device = device_of(device);
             stream_eval_command(config_path.as_deref(), config.clone(), job, device)
@@ -700,6 +710,8 @@ struct StreamJob {
     bounds: bool,
     eval_split: rsitrd::streameval::EvalSplit,
     out: PathBuf,
+    /// `--bottleneck`, `--shared-width`.
+    adapter_shape: (Option<usize>, Option<usize>),
 }
 
 fn stream_eval_command(
@@ -769,6 +781,29 @@ fn stream_eval_command(
         });
     }
     std::fs::create_dir_all(&job.out)?;
+    if job.adapter_shape != (None, None) {
+        if variants.iter().any(|v| v.config.model.adapter.is_some()) {
+            bail!(
+                "--bottleneck/--shared-width start from an untrained adapter: unset model.adapter"
+            );
+        }
+        let clip = ClipConfig::from_model_dir(&job.model)?;
+        let (bottleneck, shared_width) = job.adapter_shape;
+        let shape = with_overrides(
+            AdapterConfig::default_for(&clip),
+            bottleneck,
+            shared_width,
+            &clip,
+        )?;
+        let path = job.out.join("start-adapter.safetensors");
+        with_backend!(device, B, device => {
+            streameval::write_start_adapter::<B>(&job.model, &shape, &path, &device)
+                .map_err(anyhow::Error::from)
+        })?;
+        for variant in &mut variants {
+            variant.config.model.adapter = Some(path.clone());
+        }
+    }
     let plan = Plan {
         model_dir: job.model,
         tasks,

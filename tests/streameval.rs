@@ -18,38 +18,30 @@ const LR: &str = "0.01";
 /// A random 32-wide backbone needs a wider bottleneck than the default ratio to fit rs-mini
 /// in a few hundred steps (`tests/training.rs` measured it).
 fn wide_adapter(dir: &std::path::Path) -> std::path::PathBuf {
-    use rsitrd::model::AdapterConfig;
-    use rsitrd::model::weights::{self, AdapterMeta};
-    let device = Default::default();
-    let adapter = AdapterConfig {
+    let adapter = rsitrd::model::AdapterConfig {
         bottleneck: 128,
         shared_width: 16,
         dropout: 0.5,
     };
-    let mut loaded = weights::load_clip::<Flex>(&fixture("tiny-clip"), &adapter, &device).unwrap();
-    loaded.model.adapter = adapter.init_seeded(&loaded.config, 11, &device);
-    let meta = AdapterMeta {
-        adapter,
-        base_model: loaded.base.fingerprint.clone(),
-        base_architecture: loaded.base.architecture.clone(),
-        version: 0,
-        parent: None,
-        created_at: "2026-12-04T00:00:00Z".into(),
-        metrics: Default::default(),
-    };
     let path = dir.join("wide-adapter.safetensors");
-    weights::save_adapter(&loaded.model, &meta, &path).unwrap();
+    streameval::write_start_adapter::<Flex>(
+        &fixture("tiny-clip"),
+        &adapter,
+        &path,
+        &Default::default(),
+    )
+    .unwrap();
     path
 }
 
 fn variant(adapter: &std::path::Path, name: &str, overrides: &[(&str, &str)]) -> Variant {
-    // Runs that move the adapter a lot (a deliberately high learning rate), a quarter of
-    // the samples for the gate's validation split.
+    // Runs that move the adapter a lot (a deliberately high learning rate, 50 times the
+    // default); every sample trains (the gate is off in these streams: no validation split).
     let mut settings: Vec<(String, String)> = [
         ("training.steps", STEPS),
         ("training.batch_size", "8"),
         ("training.lr", LR),
-        ("store.val_fraction", "0.25"),
+        ("store.val_fraction", "0"),
         ("gate.mr_tolerance", "100"),
         ("index.embed_batch", "16"),
         ("model.adapter", adapter.to_str().unwrap()),
@@ -73,7 +65,7 @@ fn variant(adapter: &std::path::Path, name: &str, overrides: &[(&str, &str)]) ->
     }
 }
 
-fn plan(work: &std::path::Path, variants: Vec<Variant>, joint: bool) -> Plan {
+fn plan(work: &std::path::Path, variants: Vec<Variant>, joint: bool, seeds: &[u64]) -> Plan {
     let dir = rs_mini_dir();
     let dataset = Dataset::load(&dir.join("dataset.json"), &dir.join("images")).unwrap();
     let tasks = streameval::make_tasks(
@@ -92,7 +84,7 @@ fn plan(work: &std::path::Path, variants: Vec<Variant>, joint: bool) -> Plan {
         model_dir: fixture("tiny-clip"),
         tasks,
         orders: vec![order],
-        seeds: vec![5],
+        seeds: seeds.to_vec(),
         variants,
         joint,
         eval_split: EvalSplit::Seen,
@@ -119,7 +111,7 @@ fn rs_mini_sources_as_tasks_replay_reduces_forgetting_and_a_seed_repeats_bit_for
         ]
     };
     let device = Default::default();
-    let plan_a = plan(&temp.path().join("a"), variants(), true);
+    let plan_a = plan(&temp.path().join("a"), variants(), true, &[1, 2]);
     let report = streameval::run::<Flex>(&plan_a, &device, |_| {}).unwrap();
     let table = report.table();
     println!("{table}");
@@ -136,10 +128,9 @@ fn rs_mini_sources_as_tasks_replay_reduces_forgetting_and_a_seed_repeats_bit_for
         assert!(table.contains(name));
     }
     let run = |name: &str| report.runs.iter().find(|r| r.variant == name).unwrap();
-    let (naive, replay) = (run("naive"), run("replay"));
     // Through the daemon's path: one run per task, each promoted (gate off), each promotion
-    // re-embedding the whole corpus stored so far.
-    for stream in [naive, replay] {
+    // re-embedding the whole corpus stored so far (18 images in all: 8 + 12 + 18).
+    for stream in report.runs.iter().filter(|r| r.metrics.is_some()) {
         assert_eq!(stream.r.len(), 3);
         assert_eq!(stream.compute.training_runs, 3, "{:?}", stream.decisions);
         assert_eq!(stream.compute.promotions, 3, "{:?}", stream.decisions);
@@ -149,37 +140,37 @@ fn rs_mini_sources_as_tasks_replay_reduces_forgetting_and_a_seed_repeats_bit_for
                 .iter()
                 .all(|d| d == "promoted: gate disabled")
         );
-        assert!(
-            stream.compute.images_reembedded >= 23,
-            "{:?}",
-            stream.compute
-        );
+        assert_eq!(stream.compute.images_reembedded, 38, "{:?}", stream.compute);
     }
-    // Learning happens: the first task's mR right after it is well above zero-shot's.
+    // Learning happens: right after a task is learned its mR is above zero-shot's (rsicd
+    // and sydney, both seeds, on average; ucm cannot move).
     let zero = &run("zero-shot").r[0];
-    let learned = naive.metrics.as_ref().unwrap();
+    let gains: Vec<f64> = report
+        .runs
+        .iter()
+        .filter(|r| r.variant == "naive")
+        .flat_map(|r| {
+            let learned = &r.metrics.as_ref().unwrap().just_learned;
+            (0..2).map(move |j| learned[j] - zero[j])
+        })
+        .collect();
+    let gain = gains.iter().sum::<f64>() / gains.len() as f64;
+    assert!(gain > 5.0, "no learning: gains {gains:?}\n{table}");
+    // Naive fine-tuning forgets measurably; replay of earlier tasks forgets less (means over
+    // two seeds; measured on a Zen 4: naive 13.8 and 12.1, replay 2.9 and 3.3 points).
+    let forgetting = |name: &str| report.summary(name).unwrap().mean_forgetting.mean;
     assert!(
-        learned.just_learned[0] > zero[0] + 5.0,
-        "no learning: just learned {:?} vs zero-shot {zero:?}",
-        learned.just_learned
+        forgetting("naive") > 8.0,
+        "naive fine-tuning did not forget:\n{table}"
     );
-    // Naive fine-tuning forgets measurably; replay of earlier tasks forgets less.
-    let forgetting = |r: &streameval::StreamRun| r.metrics.as_ref().unwrap().mean_forgetting;
     assert!(
-        forgetting(naive) > 5.0,
-        "naive fine-tuning did not forget: {:?}\n{table}",
-        naive.r
-    );
-    assert!(
-        forgetting(replay) < forgetting(naive) - 3.0,
-        "replay did not reduce forgetting: naive {:?}, replay {:?}\n{table}",
-        naive.r,
-        replay.r
+        forgetting("replay") < forgetting("naive") - 5.0,
+        "replay did not reduce forgetting:\n{table}"
     );
     // The joint bound trained on the union (about the stream's total steps) and was measured.
     let joint = run("joint");
     assert_eq!(joint.r.len(), 1);
-    assert!(joint.average_final.is_finite() && joint.compute.training_steps >= 40);
+    assert!(joint.average_final.is_finite() && joint.compute.training_steps >= 300);
 
     // Outputs: JSON with every figure, an SVG with the matrices.
     let json = serde_json::to_value(&report).unwrap();
@@ -188,8 +179,8 @@ fn rs_mini_sources_as_tasks_replay_reduces_forgetting_and_a_seed_repeats_bit_for
     let svg = report.svg();
     assert!(svg.starts_with("<svg") && svg.contains("naive") && svg.contains("polyline"));
 
-    // The same seed again, in another directory: every R entry identical to the bit.
-    let plan_b = plan(&temp.path().join("b"), variants(), false);
+    // Seed 1 again, in another directory: every R entry identical to the bit.
+    let plan_b = plan(&temp.path().join("b"), variants(), false, &[1]);
     let again = streameval::run::<Flex>(&plan_b, &device, |_| {}).unwrap();
     for name in ["zero-shot", "naive", "replay"] {
         let bits = |r: &streameval::StreamRun| -> Vec<u64> {

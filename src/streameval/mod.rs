@@ -342,6 +342,30 @@ where
     Ok(report::Report::new(plan, runs))
 }
 
+/// Writes an untrained adapter of shape `adapter` for the backbone in `model_dir` to `path`
+/// (version 0; its up projections are zero, so it adds nothing until trained), for streams
+/// that start from another adapter shape than the backbone's default.
+pub fn write_start_adapter<B: Backend>(
+    model_dir: &Path,
+    adapter: &crate::model::AdapterConfig,
+    path: &Path,
+    device: &B::Device,
+) -> Result<(), StreamError> {
+    use crate::model::weights::{self, AdapterMeta};
+    let mut loaded = weights::load_clip::<B>(model_dir, adapter, device)?;
+    loaded.model.adapter = adapter.init_seeded(&loaded.config, 0, device);
+    let meta = AdapterMeta {
+        adapter: adapter.clone(),
+        base_model: loaded.base.fingerprint.clone(),
+        base_architecture: loaded.base.architecture.clone(),
+        version: 0,
+        parent: None,
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        metrics: Default::default(),
+    };
+    Ok(weights::save_adapter(&loaded.model, &meta, path)?)
+}
+
 /// The adapter a stream starts from: `model.adapter`, else the untrained one.
 fn starting<B: Backend>(
     backbone: &Backbone<B>,

@@ -919,6 +919,16 @@ impl Config {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_cosine_schedule_falls_from_lr_to_zero_over_a_run() {
+        let lr = 0.01;
+        assert_eq!(LrSchedule::Constant.lr_at(lr, 7, 10), lr);
+        assert_eq!(LrSchedule::Cosine.lr_at(lr, 0, 10), lr);
+        assert!((LrSchedule::Cosine.lr_at(lr, 5, 10) - lr / 2.0).abs() < 1e-12);
+        let last = LrSchedule::Cosine.lr_at(lr, 9, 10);
+        assert!(last > 0.0 && last < 0.03 * lr, "{last}");
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()

@@ -299,31 +299,14 @@ fn nonzero_adapter_changes_embeddings() {
 #[test]
 fn continual_run_depends_on_the_sample_set_not_its_order() {
     use rsitrd::config::TrainingSection;
-    use rsitrd::store::{NewSample, SampleRecord, SplitPolicy, Store, StoreOp};
+    use rsitrd::store::SampleRecord;
     use rsitrd::train::continual::train_candidate;
 
     let _guard = serial();
     let temp = tempfile::tempdir().unwrap();
-    let policy = SplitPolicy {
-        val_fraction: 0.0,
-        seed: 1,
-    };
-    let store = Store::open(temp.path(), policy).unwrap();
-    let ops: Vec<StoreOp> = (0..8u32)
-        .map(|i| {
-            StoreOp::Sample(NewSample::new(
-                common::ingest::synthetic_png(300 + i, 24),
-                vec![format!("synthetic tile {i}"), format!("tile number {i}")],
-                serde_json::Map::new(),
-                "import".into(),
-                format!("tile{i}"),
-                "png".into(),
-                24,
-                24,
-            ))
-        })
-        .collect();
-    store.commit_batch(&ops).unwrap();
+    let store = synthetic_store(temp.path(), 300, |i| {
+        vec![format!("synthetic tile {i}"), format!("tile number {i}")]
+    });
     let mut samples = store.samples_in(None).unwrap();
     assert_eq!(samples.len(), 8);
     let config = TrainingSection {
@@ -382,4 +365,115 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
     // Control: the comparison can fail: another seed draws other batches.
     let other_seed = run(&samples, 12);
     assert_ne!(listed, other_seed);
+}
+
+/// The run's strategies: with `training.ema_decay` the candidate is the weight average
+/// started at the parent, so it stays nearer the parent than the last step's weights; a
+/// cosine schedule gives another candidate than a constant rate (it is applied).
+#[test]
+fn ema_keeps_the_candidate_near_the_parent_and_the_schedule_is_applied() {
+    use rsitrd::config::{LrSchedule, TrainingSection};
+    use rsitrd::train::continual::train_candidate;
+
+    let _guard = serial();
+    let temp = tempfile::tempdir().unwrap();
+    let store = synthetic_store(temp.path(), 400, |i| vec![format!("synthetic tile {i}")]);
+    let samples = store.samples_in(None).unwrap();
+    let device = Default::default();
+    let backbone =
+        rsitrd::serve::Backbone::<B>::load(&fixture("tiny-clip"), None, 7, 8, &device).unwrap();
+    let parent = backbone.untrained();
+    let run = |config: TrainingSection| {
+        train_candidate::<AB>(
+            &parent,
+            &samples,
+            &store,
+            &config,
+            3,
+            &ImageLimits::default(),
+            &device,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap()
+        .embedder
+    };
+    let base = TrainingSection {
+        steps: 6,
+        batch_size: 4,
+        lr: 1e-2,
+        ..TrainingSection::default()
+    };
+    // Distance of a candidate's adapter from the parent's (the up projections start at 0).
+    let distance = |embedder: &Embedder<B>| {
+        let flat = |m: &rsitrd::model::clip::ClipModel<B>| -> Vec<f32> {
+            let a = &m.adapter;
+            [
+                &a.visual_up,
+                &a.text_up,
+                &a.shared_up,
+                &a.visual_down,
+                &a.text_down,
+            ]
+            .iter()
+            .flat_map(|l| l.weight.val().into_data().to_vec::<f32>().unwrap())
+            .collect()
+        };
+        let (x, y) = (flat(&embedder.model), flat(&parent.model));
+        x.iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let last = run(base.clone());
+    let averaged = run(TrainingSection {
+        ema_decay: 0.9,
+        ..base.clone()
+    });
+    let (d_last, d_ema) = (distance(&last), distance(&averaged));
+    assert!(d_last > 0.0, "the run moved nothing");
+    // Six steps at decay 0.9 keep 0.9^6 ≈ 53 % of the parent in the average.
+    assert!(
+        d_ema > 0.0 && d_ema < 0.8 * d_last,
+        "EMA {d_ema} vs last step {d_last}"
+    );
+    let cosine = run(TrainingSection {
+        lr_schedule: LrSchedule::Cosine,
+        ..base.clone()
+    });
+    let d_cosine = distance(&cosine);
+    assert!(
+        d_cosine > 0.0 && (d_cosine - d_last).abs() > 1e-6,
+        "cosine {d_cosine} vs constant {d_last}"
+    );
+}
+
+/// A store of 8 synthetic 24-px tiles (`first`.. as pattern seeds), all in the train split.
+fn synthetic_store(
+    dir: &std::path::Path,
+    first: u32,
+    captions: impl Fn(u32) -> Vec<String>,
+) -> rsitrd::store::Store {
+    use rsitrd::store::{NewSample, SplitPolicy, Store, StoreOp};
+    let policy = SplitPolicy {
+        val_fraction: 0.0,
+        seed: 1,
+    };
+    let store = Store::open(dir, policy).unwrap();
+    let ops: Vec<StoreOp> = (0..8u32)
+        .map(|i| {
+            StoreOp::Sample(NewSample::new(
+                common::ingest::synthetic_png(first + i, 24),
+                captions(i),
+                serde_json::Map::new(),
+                "import".into(),
+                format!("tile{i}"),
+                "png".into(),
+                24,
+                24,
+            ))
+        })
+        .collect();
+    store.commit_batch(&ops).unwrap();
+    store
 }

@@ -155,6 +155,61 @@ mod tests {
     }
 
     #[test]
+    fn a_disabled_gate_promotes_finite_candidates_only() {
+        assert!(ungated(true).promote);
+        let refused = ungated(false);
+        assert!(!refused.promote && refused.decision.contains("not finite"));
+    }
+
+    #[test]
+    fn the_slice_takes_old_fraction_from_older_samples() {
+        use crate::store::{NewSample, SplitPolicy, StoreOp};
+        let temp = tempfile::tempdir().unwrap();
+        // Every sample in val: 40 of them, in creation order.
+        let policy = SplitPolicy {
+            val_fraction: 1.0 - f64::EPSILON,
+            seed: 3,
+        };
+        let store = Store::open(temp.path(), policy).unwrap();
+        let ops: Vec<StoreOp> = (0..40u8)
+            .map(|i| {
+                StoreOp::Sample(NewSample::new(
+                    vec![i; 8],
+                    vec![format!("caption {i}")],
+                    Default::default(),
+                    "test".into(),
+                    format!("s{i}"),
+                    "png".into(),
+                    1,
+                    1,
+                ))
+            })
+            .collect();
+        store.commit_batch(&ops).unwrap();
+        let val = store.split_len(SampleSplit::Val).unwrap();
+        assert!(val >= 30, "{val}");
+        let newest: Vec<_> = store.split_ids(SampleSplit::Val, val - 10..val).unwrap();
+        let slice = |old_fraction: f64| {
+            let config = GateSection {
+                slice_size: 10,
+                old_fraction,
+                ..GateSection::default()
+            };
+            let (slice, rebuilt) = slice_for_run(&store, None, &config, 1).unwrap().unwrap();
+            assert!(rebuilt);
+            slice.samples
+        };
+        let from_newest =
+            |ids: &[crate::store::SampleId]| ids.iter().filter(|id| newest.contains(id)).count();
+        // Newest only; half and half (the default); mostly older ones.
+        assert_eq!(from_newest(&slice(0.0)), 10);
+        let half = slice(0.5);
+        assert_eq!(half.len(), 10);
+        assert!(from_newest(&half) >= 5 && from_newest(&half) < 10);
+        assert!(from_newest(&slice(0.8)) < 5);
+    }
+
+    #[test]
     fn the_slice_size_follows_the_tolerance() {
         use crate::config::required_slice;
         assert_eq!(required_slice(0.5), 400);

@@ -4,7 +4,8 @@
 #   2. embeds rs-mini images and captions with the tiny model on CPU and on CUDA and compares
 #      the normalized embeddings (max abs difference must be <= 1e-3; 3.7e-4 measured on an H200);
 #   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA.
-# Results go to $OUT (default ./cuda-check-out): cpu.jsonl, cuda.jsonl, compare.txt, bench-cuda.json.
+# Results go to $OUT (default ./cuda-check-out): cpu.jsonl, cuda.jsonl, compare.txt, bench-cuda.json,
+# and autotune/ (cubecl's tuning results: carry it and set AUTOTUNE_CACHE to it next time).
 set -euo pipefail
 OUT="${OUT:-cuda-check-out}"
 mkdir -p "$OUT"
@@ -14,6 +15,17 @@ if [ -z "${BIN:-}" ]; then
   cargo build --release --features cuda
   BIN=target/release/rsitrd
 fi
+# cubecl keeps its autotune results under target/autotune (the target directory of the
+# project it runs in). A fresh machine has none, and tuning every matmul shape of a ViT took
+# longer than a device session's timeout: seed it from AUTOTUNE_CACHE (a copy carried from an
+# earlier run) and copy it to $OUT as it grows, so that the next run can carry it.
+if [ -n "${AUTOTUNE_CACHE:-}" ] && [ -d "$AUTOTUNE_CACHE" ]; then
+  mkdir -p target
+  cp -r "$AUTOTUNE_CACHE" target/autotune
+fi
+(while sleep 15; do [ -d target/autotune ] && cp -r target/autotune "$OUT/"; done) &
+saver=$!
+trap 'kill $saver 2>/dev/null; [ -d target/autotune ] && cp -r target/autotune "$OUT/"' EXIT
 SHARED="${RSITRD_SHARED_DIR:-../shared}"
 args=(--model tests/fixtures/tiny-clip --json)
 for f in "$SHARED"/data/rs-mini/images/ucm_1.tif "$SHARED"/data/rs-mini/images/rsicd_00001.jpg "$SHARED"/data/rs-mini/images/sydney_1.tif; do

@@ -263,22 +263,32 @@ impl Report {
         let tasks = order.len().max(1);
         let cell = 36.0;
         let label = 90.0;
-        let panel = label + cell * tasks as f64 + 30.0;
+        let panel = (label + cell * tasks as f64 + 30.0).max(220.0);
         let chart_w = 420.0;
         let width = (panel * streams.len() as f64).max(chart_w + 40.0);
-        let heat_h = 40.0 + cell * tasks as f64 + 40.0;
+        let top = 56.0;
+        let heat_h = top + cell * tasks as f64 + 40.0;
         let height = heat_h + 260.0;
         let mut svg = format!(
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
         );
         svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let max = streams
+        let values: Vec<f64> = streams
             .iter()
             .filter_map(|s| self.mean_matrix(&s.name))
             .flatten()
             .flatten()
             .filter(|v| v.is_finite())
-            .fold(1.0f64, f64::max);
+            .collect();
+        let max = values.iter().copied().fold(1.0f64, f64::max);
+        // Colours span the values shown, so that a few points of forgetting are visible.
+        let min = values.iter().copied().fold(max, f64::min);
+        let span = (max - min).max(1e-9);
+        let _ = write!(
+            svg,
+            r#"<text x="4" y="16">R[i][j]: mR on task j (column) after task i (row), mean over seeds, order {}</text>"#,
+            escape(&order.join(" → "))
+        );
         for (p, summary) in streams.iter().enumerate() {
             let Some(matrix) = self.mean_matrix(&summary.name) else {
                 continue;
@@ -286,32 +296,34 @@ impl Report {
             let x0 = p as f64 * panel + label;
             let _ = write!(
                 svg,
-                r#"<text x="{:.0}" y="16" font-weight="bold">{} (R: row after task i, column task j)</text>"#,
-                p as f64 * panel + 4.0,
+                r#"<text x="{:.0}" y="{:.0}" font-weight="bold">{}</text>"#,
+                x0,
+                top - 22.0,
                 escape(&summary.name)
             );
             for (j, name) in order.iter().enumerate() {
                 let _ = write!(
                     svg,
-                    r#"<text x="{:.0}" y="34" text-anchor="middle">{}</text>"#,
+                    r#"<text x="{:.0}" y="{:.0}" text-anchor="middle">{}</text>"#,
                     x0 + cell * (j as f64 + 0.5),
+                    top - 6.0,
                     escape(short(name))
                 );
                 let _ = write!(
                     svg,
                     r#"<text x="{:.0}" y="{:.0}" text-anchor="end">{}</text>"#,
                     x0 - 4.0,
-                    40.0 + cell * (j as f64 + 0.6),
+                    top + cell * (j as f64 + 0.6),
                     escape(short(name))
                 );
             }
             for (i, row) in matrix.iter().enumerate() {
                 for (j, value) in row.iter().enumerate() {
-                    let (x, y) = (x0 + cell * j as f64, 40.0 + cell * i as f64);
+                    let (x, y) = (x0 + cell * j as f64, top + cell * i as f64);
                     let fill = if value.is_finite() {
-                        let t = (value / max).clamp(0.0, 1.0);
-                        let c = (255.0 * (1.0 - t)) as u8;
-                        format!("rgb({c},{},255)", (255.0 - 120.0 * t) as u8)
+                        let t = ((value - min) / span).clamp(0.0, 1.0);
+                        let (r, g) = (215.0 * (1.0 - t), 230.0 - 110.0 * t);
+                        format!("rgb({r:.0},{g:.0},255)")
                     } else {
                         "#eee".into()
                     };

@@ -323,16 +323,26 @@ where
             };
             progress(&zero_run);
             runs.push(zero_run);
+            // The joint bound trains as many steps as the reference stream did.
+            let mut reference_steps = None;
             for variant in &plan.variants {
                 let work = plan.work_dir.join(format!("stream-{seed}"));
                 let run = stream(variant, seed, &backbone, &tasks, &zero, &work)?;
                 let _ = std::fs::remove_dir_all(&work);
+                reference_steps.get_or_insert(run.compute.training_steps);
                 progress(&run);
                 runs.push(run);
             }
             if plan.joint {
                 let work = plan.work_dir.join(format!("joint-{seed}"));
-                let run = joint::<B>(plan, reference, seed, &backbone, &tasks, &work, device)?;
+                let steps = reference_steps.unwrap_or_default().max(1);
+                let job = JointJob {
+                    plan,
+                    reference,
+                    seed,
+                    steps,
+                };
+                let run = joint::<B>(&job, &backbone, &tasks, &work, device)?;
                 let _ = std::fs::remove_dir_all(&work);
                 progress(&run);
                 runs.push(run);
@@ -529,13 +539,20 @@ fn settle<B: Backend>(
     }
 }
 
-/// The joint bound: the offline trainer on the union of every task's streamed images, for
-/// the whole epochs nearest to the stream's total steps, at the reference's batch size and
-/// learning rate (constant); the last epoch's adapter is evaluated.
-fn joint<B: Backend>(
-    plan: &Plan,
-    reference: &Variant,
+/// What the joint bound trains like: the reference variant's settings, the seed, and the
+/// reference stream's total training steps.
+struct JointJob<'a> {
+    plan: &'a Plan,
+    reference: &'a Variant,
     seed: u64,
+    steps: usize,
+}
+
+/// The joint bound: the offline trainer on the union of every task's streamed images, for
+/// the whole epochs nearest to the reference stream's total steps, at the reference's batch
+/// size and learning rate (constant); the last epoch's adapter is evaluated.
+fn joint<B: Backend>(
+    job: &JointJob<'_>,
     backbone: &Backbone<B>,
     tasks: &[&Task],
     work: &Path,
@@ -544,6 +561,12 @@ fn joint<B: Backend>(
     let started = Instant::now();
     let _ = std::fs::remove_dir_all(work);
     std::fs::create_dir_all(work).map_err(io_error(work))?;
+    let JointJob {
+        plan,
+        reference,
+        seed,
+        ..
+    } = *job;
     let training = &reference.config.training;
     // Karpathy JSON with absolute file names: training images are every task's streamed
     // ones, the offline trainer's per-epoch selection set their test images (without any,
@@ -583,8 +606,7 @@ fn joint<B: Backend>(
     std::fs::write(&dataset, text).map_err(io_error(&dataset))?;
     let batch = training.batch_size;
     let steps_per_epoch = (pairs / batch + usize::from(pairs % batch >= 2)).max(1);
-    let total = training.steps * tasks.len() * plan_runs_per_task(plan, tasks);
-    let epochs = ((total as f64 / steps_per_epoch as f64).round() as usize).max(1);
+    let epochs = ((job.steps as f64 / steps_per_epoch as f64).round() as usize).max(1);
     let config = TrainConfig {
         model: plan.model_dir.clone(),
         dataset,
@@ -632,18 +654,6 @@ fn joint<B: Backend>(
 
 fn absolute(path: &Path) -> Result<PathBuf, StreamError> {
     std::path::absolute(path).map_err(io_error(path))
-}
-
-/// Training runs a task takes in a stream (one, unless a task exceeds a run's limit).
-fn plan_runs_per_task(_plan: &Plan, tasks: &[&Task]) -> usize {
-    let largest = tasks
-        .iter()
-        .map(|t| t.stream.images.len() as u64)
-        .max()
-        .unwrap_or(1);
-    largest
-        .div_ceil(crate::train::trigger::MAX_NEW_PER_RUN)
-        .max(1) as usize
 }
 
 /// The task orders of `spec` (comma-separated task names), validated against `tasks`.

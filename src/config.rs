@@ -287,7 +287,8 @@ pub struct GateSection {
     /// single-image steps of mR ([`required_slice`]); a smaller value is refused.
     #[serde(default)]
     pub min_val_samples: Option<usize>,
-    /// Validation samples in the gate's evaluation slice (half the newest, half older ones).
+    /// Validation samples in the gate's evaluation slice (the newest, and `old_fraction` of
+    /// it drawn from older ones).
     #[serde(default = "default_slice_size")]
     pub slice_size: usize,
     /// Fraction of the slice drawn from older validation samples (the rest are the newest),

@@ -203,7 +203,7 @@ fn task_splits_and_orders_are_checked() {
     let by_time = streameval::make_tasks(&sets, &TaskSplit::Time(2), EvalSplit::Test).unwrap();
     assert_eq!(by_time.len(), 2);
     let streamed: usize = by_time.iter().map(|t| t.stream.images.len()).sum();
-    let tested: usize = by_time.iter().map(|t| t.eval.images.len()).sum();
+    let tested: usize = by_time.iter().map(|t| t.eval().images.len()).sum();
     assert_eq!((streamed, tested), (18, 8));
     // One dataset is one task: not a stream.
     assert!(streameval::make_tasks(&sets, &TaskSplit::Dataset, EvalSplit::Test).is_err());

@@ -117,17 +117,19 @@ impl<B: Backend> MrsAdapter<B> {
     /// `self + t·(other − self)`, parameter by parameter (both of one configuration): the
     /// step of an exponential moving average of adapter weights.
     pub fn lerp(self, other: &Self, t: f64) -> Self {
-        let mix = |a: Linear<B>, b: &Linear<B>| {
-            let toward = |x: Tensor<B, 1>, y: Tensor<B, 1>| x.clone() + (y - x) * t;
-            let weight = a.weight.val();
-            let weight = weight.clone() + (b.weight.val() - weight) * t;
-            Linear {
-                weight: Param::from_tensor(weight),
-                bias: match (a.bias, &b.bias) {
-                    (Some(x), Some(y)) => Some(Param::from_tensor(toward(x.val(), y.val()))),
-                    (bias, _) => bias,
-                },
-            }
+        fn toward<B: Backend, const D: usize>(
+            x: Tensor<B, D>,
+            y: Tensor<B, D>,
+            t: f64,
+        ) -> Tensor<B, D> {
+            x.clone() + (y - x) * t
+        }
+        let mix = |a: Linear<B>, b: &Linear<B>| Linear {
+            weight: Param::from_tensor(toward(a.weight.val(), b.weight.val(), t)),
+            bias: match (a.bias, &b.bias) {
+                (Some(x), Some(y)) => Some(Param::from_tensor(toward(x.val(), y.val(), t))),
+                (bias, _) => bias,
+            },
         };
         Self {
             visual_down: mix(self.visual_down, &other.visual_down),

@@ -120,11 +120,20 @@ pub struct Task {
     pub name: String,
     /// Train and val images, imported when the task arrives.
     pub stream: Dataset,
+    /// Its test images, never streamed (also the joint bound's per-epoch selection set,
+    /// whatever the evaluation split).
+    pub test: Dataset,
+    pub eval_split: EvalSplit,
+}
+
+impl Task {
     /// The images its mR is measured on.
-    pub eval: Dataset,
-    /// Its test images (never streamed), whatever `eval` is: the joint bound's offline
-    /// trainer selects on them each epoch (only its last epoch is reported).
-    pub held_out: Dataset,
+    pub fn eval(&self) -> &Dataset {
+        match self.eval_split {
+            EvalSplit::Test => &self.test,
+            EvalSplit::Seen => &self.stream,
+        }
+    }
 }
 
 /// Cuts `datasets` (name, dataset) into tasks: by dataset, or within each dataset by field
@@ -193,24 +202,17 @@ pub fn make_tasks(
                 "task {name} has no train or val images"
             )));
         }
-        let eval_images = match eval {
-            EvalSplit::Test => test.clone(),
-            EvalSplit::Seen => streamed.clone(),
-        };
         tasks.push(Task {
             name,
             stream: Dataset {
                 images: streamed,
                 image_dir: dataset.image_dir.clone(),
             },
-            eval: Dataset {
-                images: eval_images,
-                image_dir: dataset.image_dir.clone(),
-            },
-            held_out: Dataset {
+            test: Dataset {
                 images: test,
                 image_dir: dataset.image_dir.clone(),
             },
+            eval_split: eval,
         });
     }
     Ok(tasks)
@@ -303,11 +305,15 @@ where
             device,
         )?);
         let max_pixels = reference.config.model.max_pixels;
+        // Zero-shot depends on the seed, not the order: measured once, reordered per order.
+        let started = Instant::now();
+        let all: Vec<&Task> = plan.tasks.iter().collect();
+        let zero_all = evaluate_all(&starting(&backbone, &reference.config)?, &all, max_pixels)?;
+        let zero_seconds = started.elapsed().as_secs_f64();
         for order in &plan.orders {
             let tasks: Vec<&Task> = order.iter().map(|&i| &plan.tasks[i]).collect();
             let names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
-            let started = Instant::now();
-            let zero = evaluate_all(&starting(&backbone, &reference.config)?, &tasks, max_pixels)?;
+            let zero: Vec<f64> = order.iter().map(|&i| zero_all[i]).collect();
             let zero_run = StreamRun {
                 variant: "zero-shot".into(),
                 seed,
@@ -316,7 +322,7 @@ where
                 r: vec![zero.clone()],
                 metrics: None,
                 compute: Compute {
-                    seconds: started.elapsed().as_secs_f64(),
+                    seconds: zero_seconds,
                     ..Compute::default()
                 },
                 decisions: Vec::new(),
@@ -401,11 +407,12 @@ fn evaluate_all<B: Backend>(
     tasks
         .iter()
         .map(|task| {
-            if task.eval.images.is_empty() {
+            let eval = task.eval();
+            if eval.images.is_empty() {
                 return Ok(f64::NAN);
             }
-            let images: Vec<&DatasetImage> = task.eval.images.iter().collect();
-            Ok(crate::eval::evaluate(embedder, &task.eval, &images, max_pixels)?.mr)
+            let images: Vec<&DatasetImage> = eval.images.iter().collect();
+            Ok(crate::eval::evaluate(embedder, eval, &images, max_pixels)?.mr)
         })
         .collect()
 }
@@ -590,8 +597,8 @@ fn joint<B: Backend>(
     }
     let mut held_out = 0;
     for task in tasks {
-        for image in &task.held_out.images {
-            let path = absolute(&task.held_out.path_of(image))?;
+        for image in &task.test.images {
+            let path = absolute(&task.test.path_of(image))?;
             images.push(entry(path.display().to_string(), "test", &image.captions));
             held_out += 1;
         }

@@ -133,7 +133,7 @@ impl Report {
                 .map(|t| TaskInfo {
                     name: t.name.clone(),
                     streamed_images: t.stream.images.len(),
-                    eval_images: t.eval.images.len(),
+                    eval_images: t.eval().images.len(),
                 })
                 .collect(),
             eval_split: plan.eval_split,

@@ -3,8 +3,8 @@
 //! the best version promoted so far (so promotions cannot drift down by a tolerance each).
 //!
 //! The slice mixes old and new validation samples: the newest, and a seeded uniform draw of
-//! the older ones (`gate.old_fraction` of the slice, half by default). It is rebuilt (a new number and identity) when the validation set
-//! has grown by a quarter of the slice; until then every evaluation of an adapter on it is
+//! the older ones (`gate.old_fraction` of the slice, half by default). It is rebuilt (a new
+//! number and identity) when the validation set has grown by a quarter of the slice; until then every evaluation of an adapter on it is
 //! cached in the ledger, so a run evaluates the candidate only (the live and best versions
 //! once per slice). Every read is bounded by the slice size, never by the corpus.
 
@@ -88,6 +88,9 @@ pub fn decide(
     if !finite {
         return verdict(false, "rejected: a loss was not finite".into());
     }
+    if !config.enabled {
+        return verdict(true, "promoted: gate disabled".into());
+    }
     if slice_len < needed {
         return verdict(
             false,
@@ -128,21 +131,6 @@ pub fn decide(
     )
 }
 
-/// The verdict with the gate disabled: any candidate whose losses stayed finite.
-pub fn ungated(finite: bool) -> Verdict {
-    if finite {
-        Verdict {
-            promote: true,
-            decision: "promoted: gate disabled".into(),
-        }
-    } else {
-        Verdict {
-            promote: false,
-            decision: "rejected: a loss was not finite".into(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,7 +144,18 @@ mod tests {
 
     #[test]
     fn a_disabled_gate_promotes_finite_candidates_only() {
+        let off = GateSection {
+            enabled: false,
+            ..gate(0.5)
+        };
+        let live = Side {
+            version: 1,
+            mr: 40.0,
+        };
+        // No slice and a collapsed candidate: promoted unevaluated, unless a loss was NaN.
+        let ungated = |finite| decide(finite, 0, &off, f64::NAN, live, None);
         assert!(ungated(true).promote);
+        assert_eq!(ungated(true).decision, "promoted: gate disabled");
         let refused = ungated(false);
         assert!(!refused.promote && refused.decision.contains("not finite"));
     }

@@ -203,14 +203,18 @@ impl<B: Backend> Trainer<B> {
             Err(error) => return Err(error),
         };
 
-        // The gate, on the slice.
+        // The gate, on the slice (none read when the gate is off).
         let mut changes = Vec::new();
-        let slice = gate::slice_for_run(
-            &self.store,
-            ledger.slice.as_ref(),
-            &config.gate,
-            config.store.split_seed,
-        )?;
+        let slice = if config.gate.enabled {
+            gate::slice_for_run(
+                &self.store,
+                ledger.slice.as_ref(),
+                &config.gate,
+                config.store.split_seed,
+            )?
+        } else {
+            None
+        };
         let slice = slice.map(|(slice, rebuilt)| {
             if rebuilt {
                 changes.push(LedgerChange::Slice(slice.clone()));
@@ -222,7 +226,7 @@ impl<B: Backend> Trainer<B> {
             None => Vec::new(),
         };
         let needed = config.gate.min_slice();
-        let judged = config.gate.enabled && candidate.finite && records.len() >= needed;
+        let judged = candidate.finite && records.len() >= needed;
         let (mut live_metrics, mut best_side, mut best_metrics, mut candidate_metrics) =
             (None, None, None, None);
         let mut best = training.best;
@@ -237,9 +241,6 @@ impl<B: Backend> Trainer<B> {
             },
             None,
         );
-        if !config.gate.enabled {
-            verdict = gate::ungated(candidate.finite);
-        }
         if judged {
             let slice = slice.as_ref().expect("judged only with a slice");
             let live_m = self.metrics_on(

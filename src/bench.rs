@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
 
+use crate::model::kernels::TrainBackend;
 use crate::model::{AdapterConfig, ClipConfig, ClipModel, ClipTokenizer, LossConfig, tokenizer};
 use crate::train::AdapterTrainer;
 
@@ -73,7 +73,7 @@ fn batch_captions(options: &BenchOptions, iteration: usize) -> Vec<String> {
 }
 
 /// Runs the benchmark on a model (random or loaded) for the training backend `AB`.
-pub fn run<AB: AutodiffBackend>(
+pub fn run<AB: TrainBackend>(
     model: ClipModel<AB>,
     config: &ClipConfig,
     adapter: &AdapterConfig,

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::model::kernels::ModelBackend;
 use crate::serve::Backbone;
 use crate::store::Store;
 use crate::versions::{Owner, VersionError};
@@ -47,7 +47,7 @@ pub enum DaemonError {
 }
 
 /// Runs the daemon until `cancel` fires. `model_dir` is the resolved backbone directory.
-pub async fn run<B: Backend>(
+pub async fn run<B: ModelBackend>(
     config: Config,
     model_dir: PathBuf,
     device: B::Device,

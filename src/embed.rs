@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::prelude::*;
 
 use crate::model::Embedder;
+use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::{ImageLimits, load_image};
 
 /// The inputs of `rsitrd embed`.
@@ -24,7 +24,7 @@ pub struct EmbedJob<'a> {
 /// Embeds the job's inputs and writes one JSON line per input, in command-line order:
 /// `{"kind": "image"|"text", "input": …, "embedding": […]}`, L2-normalized (the contract
 /// other tools rely on, ARCHITECTURE.md).
-pub fn embed_lines<B: Backend>(
+pub fn embed_lines<B: ModelBackend>(
     device: &B::Device,
     job: &EmbedJob<'_>,
     out: &mut impl Write,

@@ -8,12 +8,12 @@
 //! the image's own copy; for text→image, each copy is its own query and finds its own image
 //! only if that image scores strictly higher than every other.
 
-use burn::prelude::Backend;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Dataset, DatasetImage, load_pixels};
 use crate::model::Embedder;
+use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::ImageError;
 
 /// Images decoded at once while embedding a split (bounds memory: a ViT-B/32 input is 0.6 MB).
@@ -163,7 +163,7 @@ pub struct SplitEmbeddings {
 }
 
 /// Embeds `images` (decoded in parallel, in bounded chunks) and every caption of them.
-pub fn embed_split<B: Backend>(
+pub fn embed_split<B: ModelBackend>(
     embedder: &Embedder<B>,
     dataset: &Dataset,
     images: &[&DatasetImage],
@@ -208,7 +208,7 @@ pub fn embed_split<B: Backend>(
 }
 
 /// R@K and mR of `images` under `embedder`.
-pub fn evaluate<B: Backend>(
+pub fn evaluate<B: ModelBackend>(
     embedder: &Embedder<B>,
     dataset: &Dataset,
     images: &[&DatasetImage],

@@ -1,10 +1,9 @@
 //! Stored samples into index points: the work of the index worker (freshness and a
 //! promotion's re-embed), with unusable samples quarantined on the way.
 
-use burn::prelude::*;
-
 use crate::index::{IndexPoint, sample_points};
 use crate::model::Embedder;
+use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::ImageLimits;
 use crate::store::{SampleRecord, Store};
 use crate::stored::{SampleError, usable_pixels};
@@ -13,7 +12,7 @@ use crate::stored::{SampleError, usable_pixels};
 /// how many samples they hold. A record that cannot be used (deterministically) is
 /// quarantined under `stage` and left out; a transient failure (disk) fails the batch, which
 /// is retried.
-pub fn embed_points<B: Backend>(
+pub fn embed_points<B: ModelBackend>(
     store: &Store,
     embedder: &Embedder<B>,
     version: u64,

@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use rsitrd::config::Config;
 use rsitrd::data::{Dataset, Split};
 use rsitrd::model::LossKind;
 use rsitrd::model::config::backbone_params;
 use rsitrd::model::device::DeviceChoice;
+use rsitrd::model::kernels::ModelBackend;
 
 use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, hub};
 use rsitrd::train::offline::{self, TrainConfig};
@@ -657,7 +657,7 @@ fn cancel_on_signals(cancel: tokio_util::sync::CancellationToken) -> Result<()> 
     Ok(())
 }
 
-fn run_daemon<B: Backend>(
+fn run_daemon<B: ModelBackend>(
     config: Config,
     model: PathBuf,
     device: B::Device,
@@ -995,7 +995,7 @@ fn input_order(matches: &ArgMatches, images: usize, texts: usize) -> Vec<(bool, 
         .collect()
 }
 
-fn eval_command<B: Backend>(
+fn eval_command<B: ModelBackend>(
     device: &B::Device,
     model: &Path,
     adapter: Option<&Path>,
@@ -1033,7 +1033,7 @@ fn eval_command<B: Backend>(
     Ok(())
 }
 
-fn bench_command<B: Backend>(
+fn bench_command<B: ModelBackend>(
     device: &B::Device,
     model_dir: Option<&Path>,
     preset: &str,

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use burn::prelude::*;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::daemon::DaemonError;
 use crate::index::VectorIndex;
+use crate::model::kernels::ModelBackend;
 use crate::serve::{Backbone, Live, ServingModel};
 use crate::store::ledger::AdapterFile;
 
@@ -44,7 +44,7 @@ fn adapter_file(dir: &Path, adapter_id: &str) -> Option<AdapterFile> {
 }
 
 /// Serves the version the alias names: `Ok(true)` when it swapped.
-fn follow<B: Backend>(
+fn follow<B: ModelBackend>(
     index: &dyn VectorIndex,
     backbone: &Backbone<B>,
     live: &Live<B>,
@@ -89,7 +89,7 @@ fn follow<B: Backend>(
 }
 
 /// Runs a replica until `cancel` fires.
-pub async fn run<B: Backend>(
+pub async fn run<B: ModelBackend>(
     config: Config,
     model_dir: PathBuf,
     device: B::Device,

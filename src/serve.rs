@@ -8,9 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::model::kernels::ModelBackend;
+use crate::model::kernels::TrainBackend;
 use arc_swap::ArcSwap;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use crate::model::weights::{self, WeightsError};
 use crate::model::{AdapterConfig, ClipConfig, ClipModel, Embedder, MrsAdapter};
@@ -50,7 +51,7 @@ pub struct Backbone<B: Backend> {
     untrained: Embedder<B>,
 }
 
-impl<B: Backend> Backbone<B> {
+impl<B: ModelBackend> Backbone<B> {
     /// Loads `model_dir` once. The adapter shape comes from `adapter` (an existing checkpoint
     /// to continue) or is the default for the backbone; `seed` draws the untrained adapter's
     /// down projections.
@@ -161,7 +162,7 @@ impl<B: Backend> Backbone<B> {
 
 /// `embedder`'s model on the autodiff backend `AB` for training: the backbone's weights are
 /// shared (wrapped, not copied) and frozen; only the adapter will get gradients.
-pub fn trainable<AB: AutodiffBackend>(model: ClipModel<AB::InnerBackend>) -> ClipModel<AB> {
+pub fn trainable<AB: TrainBackend>(model: ClipModel<AB::InnerBackend>) -> ClipModel<AB> {
     use burn::module::AutodiffModule;
     let model = ClipModel::<AB>::from_inner(model).freeze_backbone();
     let adapter = model.adapter;
@@ -197,6 +198,6 @@ pub struct ServingModel<B: Backend> {
 pub type Live<B> = ArcSwap<ServingModel<B>>;
 
 /// A new live holder.
-pub fn live<B: Backend>(model: ServingModel<B>) -> Arc<Live<B>> {
+pub fn live<B: ModelBackend>(model: ServingModel<B>) -> Arc<Live<B>> {
     Arc::new(ArcSwap::from_pointee(model))
 }

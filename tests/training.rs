@@ -187,6 +187,39 @@ fn hmmc_training_learns_and_keeps_the_backbone_frozen() {
     );
 }
 
+/// The backward pass through the frozen backbone computes activation gradients only: after a
+/// step's backward, the only parameter gradients are the adapter's ten tensors (its weights
+/// and biases), and none of the backbone's.
+#[test]
+fn backward_keeps_gradients_of_the_adapter_only() {
+    use burn::optim::GradientsParams;
+    use rsitrd::model::{ForwardOptions, l2_normalize};
+
+    let device = Default::default();
+    let dir = fixture("tiny-clip");
+    let config = ClipConfig::from_model_dir(&dir).unwrap();
+    let adapter = AdapterConfig::default_for(&config);
+    let model = weights::load_clip::<AB>(&dir, &adapter, &device)
+        .unwrap()
+        .model
+        .freeze_backbone();
+    let size = config.vision_config.image_size;
+    let data = prepare("train", size);
+    let (pixels, tokens, _) = batch(&data, 4, &mut StdRng::seed_from_u64(3), size);
+    let options = ForwardOptions {
+        dropout_seed: Some(1),
+        embedding_dropout: 0.2,
+        embedding_dropout_from_row: 0,
+    };
+    let images = l2_normalize(model.image_features(pixels, options));
+    let texts = l2_normalize(model.text_features(&tokens, options));
+    let terms = LossConfig::default().hmmc(images.clone(), texts.clone(), images, texts);
+    let gradients = GradientsParams::from_grads(terms.total.backward(), &model);
+    let adapter_tensors = adapter_snapshot(&model).len();
+    assert_eq!(adapter_tensors, 10);
+    assert_eq!(gradients.len(), adapter_tensors, "parameter gradients kept");
+}
+
 #[test]
 fn adapter_checkpoint_round_trips_and_is_refused_elsewhere() {
     let _serial = serial();

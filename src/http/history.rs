@@ -2,11 +2,11 @@
 //! gate's decisions, switches of the live version), the latest rejects, and the payload
 //! values people filter on. Every read is bounded by a count checked first.
 
+use crate::model::kernels::ModelBackend;
 use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::{Query, State};
-use burn::prelude::Backend;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -33,7 +33,7 @@ pub(super) struct HistoryQuery {
 
 /// `GET /v1/history?limit=N`: the newest training runs (each with its gate decision and the
 /// metrics compared), switches of the live version, and the latest rejects.
-pub(super) async fn history<B: Backend>(
+pub(super) async fn history<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     Query(query): Query<HistoryQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError>
@@ -64,7 +64,7 @@ where
 /// `GET /v1/facets`: the values of the payload fields searches can filter on: splits, sources
 /// (from the ledger's counters) and metadata keys with their values (from the newest
 /// samples; any other value can still be typed).
-pub(super) async fn facets<B: Backend>(
+pub(super) async fn facets<B: ModelBackend>(
     State(shared): State<AppState<B>>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where

@@ -25,6 +25,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::index::{IMAGE_VECTOR, IndexError, TEXT_VECTOR, VectorIndex};
+use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::load_image;
 use crate::serve::Live;
 use crate::store::SampleId;
@@ -189,7 +190,7 @@ pub struct Primary<B: Backend> {
     pub thumbnails: Thumbnails,
 }
 
-impl<B: Backend> Api<B> {
+impl<B: ModelBackend> Api<B> {
     fn primary(&self) -> &Primary<B> {
         self.primary
             .as_ref()
@@ -200,7 +201,7 @@ impl<B: Backend> Api<B> {
 type AppState<B> = Arc<Api<B>>;
 
 /// Serves until the daemon is cancelled.
-pub async fn serve<B: Backend>(shared: AppState<B>, listener: tokio::net::TcpListener)
+pub async fn serve<B: ModelBackend>(shared: AppState<B>, listener: tokio::net::TcpListener)
 where
     B::Device: Send + Sync,
 {
@@ -215,7 +216,7 @@ where
 }
 
 /// All routes (public for tests that drive the router directly).
-pub fn router<B: Backend>(shared: AppState<B>) -> Router
+pub fn router<B: ModelBackend>(shared: AppState<B>) -> Router
 where
     B::Device: Send + Sync,
 {
@@ -296,7 +297,7 @@ async fn json_errors(request: Request, next: Next) -> Response {
 
 /// Refuses a body announced larger than `http.max_body_bytes` before reading any of it
 /// (bodies without a length are still cut off at the limit while being read).
-async fn reject_oversized<B: Backend>(
+async fn reject_oversized<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     request: Request,
     next: Next,
@@ -362,7 +363,7 @@ async fn count_requests(request: Request, next: Next) -> Response {
 }
 
 /// Bearer token check when `http.bearer_token_env` names a non-empty variable.
-async fn auth<B: Backend>(
+async fn auth<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     request: Request,
     next: Next,
@@ -401,7 +402,7 @@ struct SearchRequest {
 /// work and memory. A refused body is read and thrown away chunk by chunk (never held, at
 /// most `http.max_body_bytes`): a server that closed on an unread body would reset the
 /// connection under a client still sending, and it would never see the 503.
-async fn admitted<B: Backend, T: DeserializeOwned>(
+async fn admitted<B: ModelBackend, T: DeserializeOwned>(
     shared: &Api<B>,
     headers: &HeaderMap,
     body: Body,
@@ -426,7 +427,7 @@ async fn admitted<B: Backend, T: DeserializeOwned>(
     Ok((permit, required(parse_json(headers, &bytes)?)?))
 }
 
-async fn search<B: Backend>(
+async fn search<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     headers: HeaderMap,
     body: Body,
@@ -500,7 +501,7 @@ fn decode_b64(text: &str, field: &str) -> Result<Vec<u8>, ApiError> {
 }
 
 /// A text query is compared with image vectors, an image query with caption vectors.
-fn encode<B: Backend>(
+fn encode<B: ModelBackend>(
     shared: &Api<B>,
     embedder: &crate::model::Embedder<B>,
     query: Query,
@@ -538,7 +539,7 @@ struct EmbedRequest {
     images_b64: Vec<String>,
 }
 
-async fn embed<B: Backend>(
+async fn embed<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     headers: HeaderMap,
     body: Body,
@@ -589,7 +590,7 @@ where
 /// Versions listed by `/v1/status` (the newest; every one is in the ledger).
 const STATUS_VERSIONS: usize = 50;
 
-async fn status<B: Backend>(
+async fn status<B: ModelBackend>(
     State(shared): State<AppState<B>>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
@@ -648,7 +649,7 @@ where
 }
 
 /// A query replica's status: the version it serves and the index's live pointer.
-async fn replica_status<B: Backend>(
+async fn replica_status<B: ModelBackend>(
     State(shared): State<AppState<B>>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
@@ -673,7 +674,7 @@ where
 #[serde(deny_unknown_fields)]
 struct TrainRequest {}
 
-async fn train<B: Backend>(
+async fn train<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     _: JsonBody<TrainRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -693,7 +694,7 @@ struct RollbackRequest {
     to: Option<u64>,
 }
 
-async fn rollback<B: Backend>(
+async fn rollback<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     JsonBody(request): JsonBody<RollbackRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError>
@@ -710,7 +711,7 @@ where
     Ok(Json(json!({"adapter_version": version})))
 }
 
-async fn quarantine_list<B: Backend>(
+async fn quarantine_list<B: ModelBackend>(
     State(shared): State<AppState<B>>,
 ) -> Result<Json<serde_json::Value>, ApiError>
 where
@@ -733,7 +734,7 @@ pub struct ReleaseRequest {
     pub all: bool,
 }
 
-async fn quarantine_release<B: Backend>(
+async fn quarantine_release<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     JsonBody(request): JsonBody<ReleaseRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError>
@@ -775,7 +776,7 @@ where
     Ok(Json(json!({"released": released})))
 }
 
-async fn readyz<B: Backend>(State(shared): State<AppState<B>>) -> Response {
+async fn readyz<B: ModelBackend>(State(shared): State<AppState<B>>) -> Response {
     if shared.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready").into_response()
     } else {
@@ -783,7 +784,7 @@ async fn readyz<B: Backend>(State(shared): State<AppState<B>>) -> Response {
     }
 }
 
-async fn metrics<B: Backend>(State(shared): State<AppState<B>>) -> Response {
+async fn metrics<B: ModelBackend>(State(shared): State<AppState<B>>) -> Response {
     match &shared.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

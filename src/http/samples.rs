@@ -16,11 +16,11 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use burn::prelude::Backend;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{ApiError, AppState};
+use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::{ImageLimits, decode_image};
 use crate::store::{SampleId, SampleRecord, StoreError};
 
@@ -122,7 +122,7 @@ fn store_error(error: StoreError) -> ApiError {
 }
 
 /// `GET /v1/samples/{id}`: the stored record, and whether it is quarantined.
-pub(super) async fn record<B: Backend>(
+pub(super) async fn record<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError>
@@ -153,7 +153,7 @@ pub(super) struct ImageQuery {
 
 /// `GET /v1/samples/{id}/image?size=N`: a JPEG whose longest side is at most N (never
 /// enlarged), or the stored bytes with `size=0`.
-pub(super) async fn image<B: Backend>(
+pub(super) async fn image<B: ModelBackend>(
     State(shared): State<AppState<B>>,
     Path(id): Path<String>,
     Query(query): Query<ImageQuery>,
@@ -231,7 +231,7 @@ fn jpeg(bytes: Bytes) -> Response {
 
 /// The stored bytes, no larger than ingestion accepts today (the file's size is checked
 /// before it is read: the record's claim is not trusted).
-fn read_blob<B: Backend>(
+fn read_blob<B: ModelBackend>(
     shared: &super::Api<B>,
     record: &SampleRecord,
 ) -> Result<Vec<u8>, ApiError> {

@@ -153,18 +153,42 @@ impl<B: Backend> MrsAdapter<B> {
         modality: Modality,
         dropout_seed: Option<u64>,
     ) -> Tensor<B, 3> {
+        self.forward_at(x, modality, dropout_seed, None)
+    }
+
+    /// [`Self::forward`] on some tokens of each row only: `x` is `[batch, 1, d_model]`, row `b`
+    /// holding token `at.pooled[b]` of a sequence of `at.tokens`. The dropout mask is the one
+    /// the whole sequence would draw at those positions, so a training run does not depend on
+    /// which tokens were left out.
+    pub fn forward_at(
+        &self,
+        x: Tensor<B, 3>,
+        modality: Modality,
+        dropout_seed: Option<u64>,
+        at: Option<TokenPositions<'_>>,
+    ) -> Tensor<B, 3> {
         let (down, up) = match modality {
             Modality::Vision => (&self.visual_down, &self.visual_up),
             Modality::Text => (&self.text_down, &self.text_up),
         };
         let hidden = relu(linear_tokens(down, x)); // [batch, tokens, bottleneck]
-        let hidden = match dropout_seed {
-            Some(seed) => dropout(hidden, self.dropout, seed),
-            None => hidden,
+        let hidden = match (dropout_seed, at) {
+            (Some(seed), None) => dropout(hidden, self.dropout, seed),
+            (Some(seed), Some(at)) => dropout_at(hidden, self.dropout, seed, at),
+            (None, _) => hidden,
         };
-        let specific = linear_tokens(up, hidden.clone()); // [batch, tokens, d_model - shared]
-        let shared = linear_tokens(&self.shared_up, hidden); // [batch, tokens, shared]
-        Tensor::cat(vec![specific, shared], 2)
+        // concat(up(h), shared_up(h)) as one product with the weights side by side: the
+        // concatenation then copies a [bottleneck, d_model] weight, not the activations.
+        let bias = |linear: &Linear<B>| match &linear.bias {
+            Some(bias) => bias.val(),
+            None => Tensor::zeros([linear.weight.dims()[1]], &linear.weight.device()),
+        };
+        let weight = Tensor::cat(vec![up.weight.val(), self.shared_up.weight.val()], 1);
+        let bias = Tensor::cat(vec![bias(up), bias(&self.shared_up)], 0);
+        let [batch, tokens, bottleneck] = hidden.dims();
+        let d_model = weight.dims()[1];
+        (hidden.reshape([batch * tokens, bottleneck]).matmul(weight) + bias.unsqueeze::<2>())
+            .reshape([batch, tokens, d_model])
     }
 }
 
@@ -189,18 +213,64 @@ pub fn dropout_rows_from<B: Backend, const D: usize>(
     seed: u64,
     first_row: usize,
 ) -> Tensor<B, D> {
-    use rand::{Rng, SeedableRng};
     let shape = input.shape();
     let rows = input.dims()[0];
     if prob <= 0.0 || first_row >= rows {
         return input;
     }
+    let total = shape.num_elements();
+    let mask = keep_mask(total, total / rows * first_row, prob, seed);
+    let mask =
+        Tensor::<B, D>::from_data(burn::tensor::TensorData::new(mask, shape), &input.device());
+    input * mask
+}
+
+/// Positions of the computed tokens in their sequences (see [`MrsAdapter::forward_at`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPositions<'a> {
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// The token of each batch row.
+    pub pooled: &'a [usize],
+}
+
+/// [`dropout`] of `[batch, 1, width]` rows that stand for token `at.pooled[b]` of
+/// `[batch, at.tokens, width]`: the mask values are the whole sequence's at those tokens.
+fn dropout_at<B: Backend>(
+    input: Tensor<B, 3>,
+    prob: f64,
+    seed: u64,
+    at: TokenPositions<'_>,
+) -> Tensor<B, 3> {
+    let [batch, _, width] = input.dims();
+    if prob <= 0.0 {
+        return input;
+    }
+    let full = keep_mask(batch * at.tokens * width, 0, prob, seed);
+    let mask: Vec<f32> = at
+        .pooled
+        .iter()
+        .enumerate()
+        .flat_map(|(row, &token)| {
+            let start = (row * at.tokens + token) * width;
+            full[start..start + width].iter().copied()
+        })
+        .collect();
+    let mask = Tensor::<B, 3>::from_data(
+        burn::tensor::TensorData::new(mask, [batch, 1, width]),
+        &input.device(),
+    );
+    input * mask
+}
+
+/// Inverted-dropout multipliers (`0` or `1 / (1 − prob)`) for `total` values from a host RNG
+/// seeded with `seed`; the first `untouched` are `1`.
+fn keep_mask(total: usize, untouched: usize, prob: f64, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
     let keep = 1.0 - prob;
     let scale = (1.0 / keep) as f32;
-    let total = shape.num_elements();
-    let untouched = total / rows * first_row;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mask: Vec<f32> = (0..total)
+    (0..total)
         .map(|i| {
             if i < untouched {
                 1.0
@@ -210,8 +280,5 @@ pub fn dropout_rows_from<B: Backend, const D: usize>(
                 0.0
             }
         })
-        .collect();
-    let mask =
-        Tensor::<B, D>::from_data(burn::tensor::TensorData::new(mask, shape), &input.device());
-    input * mask
+        .collect()
 }

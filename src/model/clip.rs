@@ -7,13 +7,14 @@
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
+use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, TensorData};
 
-use super::adapter::{Modality, MrsAdapter, dropout_rows_from};
+use super::adapter::{Modality, MrsAdapter, TokenPositions, dropout_rows_from};
 use super::config::{AdapterConfig, ClipConfig, HiddenAct};
+use super::kernels::{ModelBackend, layer_norm as norm, quick_gelu};
 
 /// Applies a `Linear` to `[batch, tokens, d_in]` as one `[batch·tokens, d_in]` matmul.
 ///
@@ -95,14 +96,9 @@ impl<B: Backend> ClipAttention<B> {
     /// - `x`: `[batch, tokens, d_model]`; returns `[batch, tokens, d_model]`.
     fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
         let [batch, tokens, d_model] = x.dims();
-        let head_dim = d_model / self.num_heads;
-        let split = |t: Tensor<B, 3>| {
-            t.reshape([batch, tokens, self.num_heads, head_dim])
-                .swap_dims(1, 2) // [batch, heads, tokens, head_dim]
-        };
-        let q = split(linear_tokens(&self.q_proj, x.clone()));
-        let k = split(linear_tokens(&self.k_proj, x.clone()));
-        let v = split(linear_tokens(&self.v_proj, x));
+        let q = self.split(linear_tokens(&self.q_proj, x.clone()));
+        let k = self.split(linear_tokens(&self.k_proj, x.clone()));
+        let v = self.split(linear_tokens(&self.v_proj, x));
         let options = AttentionModuleOptions {
             is_causal: causal,
             ..Default::default()
@@ -112,6 +108,54 @@ impl<B: Backend> ClipAttention<B> {
             .reshape([batch, tokens, d_model]);
         linear_tokens(&self.out_proj, context)
     }
+
+    /// The attention output at one query token per row (`pooled[row]`), attending to every
+    /// token (or, when `causal`, to the tokens up to it): what [`Self::forward`] gives at
+    /// those positions, for a fraction of the work.
+    ///
+    /// - `x`: `[batch, tokens, d_model]`; returns `[batch, 1, d_model]`.
+    fn forward_at(&self, x: Tensor<B, 3>, pooled: &[usize], causal: bool) -> Tensor<B, 3> {
+        let [batch, tokens, d_model] = x.dims();
+        let device = x.device();
+        let queries = select_tokens(x.clone(), pooled); // [batch, 1, d]
+        let q = self.split(linear_tokens(&self.q_proj, queries)); // [batch, heads, 1, head_dim]
+        let k = self.split(linear_tokens(&self.k_proj, x.clone()));
+        let v = self.split(linear_tokens(&self.v_proj, x));
+        let mask = causal.then(|| {
+            // true = masked: the tokens after each row's query.
+            let masked: Vec<bool> = (0..batch * tokens)
+                .map(|i| i % tokens > pooled[i / tokens])
+                .collect();
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, 1, tokens]), &device)
+                .expand([batch, self.num_heads, 1, tokens])
+        });
+        let context = attention(q, k, v, mask, None, AttentionModuleOptions::default())
+            .swap_dims(1, 2)
+            .reshape([batch, 1, d_model]);
+        linear_tokens(&self.out_proj, context)
+    }
+
+    /// `[batch, tokens, d_model]` → `[batch, heads, tokens, head_dim]`.
+    fn split(&self, t: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [batch, tokens, d_model] = t.dims();
+        t.reshape([batch, tokens, self.num_heads, d_model / self.num_heads])
+            .swap_dims(1, 2)
+    }
+}
+
+/// Row `b` of the result is token `pooled[b]` of row `b` of `x` (`[batch, tokens, d]` →
+/// `[batch, 1, d]`).
+fn select_tokens<B: Backend>(x: Tensor<B, 3>, pooled: &[usize]) -> Tensor<B, 3> {
+    let [batch, tokens, d_model] = x.dims();
+    let rows: Vec<i32> = pooled
+        .iter()
+        .enumerate()
+        .map(|(row, &token)| (row * tokens + token) as i32)
+        .collect();
+    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &x.device());
+    x.reshape([batch * tokens, d_model])
+        .select(0, rows)
+        .reshape([batch, 1, d_model])
 }
 
 /// The block MLP: `fc2(act(fc1(x)))`.
@@ -123,11 +167,11 @@ pub struct ClipMlp<B: Backend> {
     pub activation: HiddenAct,
 }
 
-impl<B: Backend> ClipMlp<B> {
+impl<B: ModelBackend> ClipMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let hidden = linear_tokens(&self.fc1, x);
         let hidden = match self.activation {
-            HiddenAct::QuickGelu => hidden.clone() * sigmoid(hidden * 1.702),
+            HiddenAct::QuickGelu => quick_gelu(hidden),
             HiddenAct::Gelu => gelu(hidden),
             HiddenAct::GeluTanh => gelu_approximate(hidden),
         };
@@ -176,29 +220,57 @@ impl<B: Backend> ClipEncoder<B> {
             .collect();
         Self { layers }
     }
+}
 
+/// What differs between the towers' encoders.
+#[derive(Debug, Clone, Copy)]
+struct Tower {
+    modality: Modality,
+    /// Causal attention (the text tower).
+    causal: bool,
+    /// ε of the tower's LayerNorms.
+    eps: f64,
+}
+
+impl<B: ModelBackend> ClipEncoder<B> {
     /// Runs every block:
-    /// `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + adapter(x, modality)`.
+    /// `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + adapter(x, modality)`,
+    /// and returns the last block's output at token `pooled[row]` of each row only: nothing
+    /// else of the last block is read, so its queries, MLP and adapter run on those tokens
+    /// alone (its keys and values still see every token).
     ///
-    /// - `x`: `[batch, tokens, d_model]`; returns the same shape.
+    /// - `x`: `[batch, tokens, d_model]`; returns `[batch, d_model]`.
     fn forward(
         &self,
         mut x: Tensor<B, 3>,
+        pooled: &[usize],
         adapter: &MrsAdapter<B>,
-        modality: Modality,
-        causal: bool,
+        tower: Tower,
         options: ForwardOptions,
-    ) -> Tensor<B, 3> {
+    ) -> Tensor<B, 2> {
+        let Tower {
+            modality,
+            causal,
+            eps,
+        } = tower;
+        let [batch, tokens, d_model] = x.dims();
+        let last = self.layers.len().saturating_sub(1);
         for (index, layer) in self.layers.iter().enumerate() {
-            x = x.clone()
-                + layer
-                    .self_attn
-                    .forward(layer.layer_norm1.forward(x), causal);
+            let normed = norm(&layer.layer_norm1, x.clone(), eps);
+            x = if index == last {
+                select_tokens(x, pooled) + layer.self_attn.forward_at(normed, pooled, causal)
+            } else {
+                x + layer.self_attn.forward(normed, causal)
+            };
             let seed = options.site_seed(1 + index as u64);
-            let adapted = adapter.forward(x.clone(), modality, seed);
-            x = x.clone() + layer.mlp.forward(layer.layer_norm2.forward(x)) + adapted;
+            let at = (index == last).then_some(TokenPositions { tokens, pooled });
+            let adapted = adapter.forward_at(x.clone(), modality, seed, at);
+            x = x.clone() + layer.mlp.forward(norm(&layer.layer_norm2, x, eps)) + adapted;
         }
-        x
+        if self.layers.is_empty() {
+            x = select_tokens(x, pooled);
+        }
+        x.reshape([batch, d_model])
     }
 }
 
@@ -219,6 +291,9 @@ pub struct ClipTextTransformer<B: Backend> {
     pub embeddings: ClipTextEmbeddings<B>,
     pub encoder: ClipEncoder<B>,
     pub final_layer_norm: LayerNorm<B>,
+    /// ε of every LayerNorm of the tower (burn's `LayerNorm` keeps its own private).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 /// The patch embedding: a stride = kernel convolution without bias, computed as a matmul.
@@ -244,6 +319,9 @@ pub struct ClipVisionTransformer<B: Backend> {
     pub pre_layrnorm: LayerNorm<B>,
     pub encoder: ClipEncoder<B>,
     pub post_layernorm: LayerNorm<B>,
+    /// ε of every LayerNorm of the tower.
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 /// CLIP with one MRS-Adapter shared by all blocks of both towers.
@@ -325,6 +403,7 @@ impl ClipConfig {
                 },
                 encoder: ClipEncoder::new(&text_shape, device),
                 final_layer_norm: layer_norm(text.hidden_size, text.layer_norm_eps, device),
+                layer_norm_eps: text.layer_norm_eps,
             },
             vision_model: ClipVisionTransformer {
                 embeddings: ClipVisionEmbeddings {
@@ -345,6 +424,7 @@ impl ClipConfig {
                 pre_layrnorm: layer_norm(vision.hidden_size, vision.layer_norm_eps, device),
                 encoder: ClipEncoder::new(&vision_shape, device),
                 post_layernorm: layer_norm(vision.hidden_size, vision.layer_norm_eps, device),
+                layer_norm_eps: vision.layer_norm_eps,
             },
             visual_projection: LinearConfig::new(vision.hidden_size, self.projection_dim)
                 .with_bias(false)
@@ -357,7 +437,7 @@ impl ClipConfig {
     }
 }
 
-impl<B: Backend> ClipModel<B> {
+impl<B: ModelBackend> ClipModel<B> {
     /// Projected image embeddings (not normalized).
     ///
     /// - `patches`: `[batch, patches, channels * patch * patch]`, CLIP-normalized pixels cut
@@ -382,14 +462,22 @@ impl<B: Backend> ClipModel<B> {
             .expand([batch, 1, d_model]);
         let tokens = Tensor::cat(vec![class, patches], 1); // [batch, patches + 1, d]
         let positions = embeddings.position_embedding.weight.val().unsqueeze::<3>(); // [1, patches + 1, d]
-        let x = self.vision_model.pre_layrnorm.forward(tokens + positions);
+        let eps = self.vision_model.layer_norm_eps;
+        let x = norm(&self.vision_model.pre_layrnorm, tokens + positions, eps);
         let x = options.embedding_dropout_on(x);
-        let x =
-            self.vision_model
-                .encoder
-                .forward(x, &self.adapter, Modality::Vision, false, options);
-        let cls = x.slice([0..batch, 0..1]).reshape([batch, d_model]); // [batch, d]
-        let pooled = self.vision_model.post_layernorm.forward(cls);
+        let cls = vec![0; batch];
+        let cls = self.vision_model.encoder.forward(
+            x,
+            &cls,
+            &self.adapter,
+            Tower {
+                modality: Modality::Vision,
+                causal: false,
+                eps,
+            },
+            options,
+        ); // [batch, d]
+        let pooled = norm(&self.vision_model.post_layernorm, cls, eps);
         self.visual_projection.forward(pooled)
     }
 
@@ -406,7 +494,6 @@ impl<B: Backend> ClipModel<B> {
         );
         let embeddings = &self.text_model.embeddings;
         let x = embeddings.token_embedding.forward(ids); // [batch, seq, d]
-        let d_model = x.dims()[2];
         let positions = embeddings
             .position_embedding
             .weight
@@ -415,19 +502,22 @@ impl<B: Backend> ClipModel<B> {
             .unsqueeze::<3>(); // [1, seq, d]
         let x = x + positions;
         let x = options.embedding_dropout_on(x);
-        let x = self
-            .text_model
-            .encoder
-            .forward(x, &self.adapter, Modality::Text, true, options);
-        let rows: Vec<i32> = tokens
-            .eot_positions
-            .iter()
-            .enumerate()
-            .map(|(row, &eot)| (row * seq_len + eot) as i32)
-            .collect();
-        let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &device);
-        let pooled = x.reshape([batch * seq_len, d_model]).select(0, rows); // [batch, d]
-        let pooled = self.text_model.final_layer_norm.forward(pooled);
+        let pooled = self.text_model.encoder.forward(
+            x,
+            &tokens.eot_positions,
+            &self.adapter,
+            Tower {
+                modality: Modality::Text,
+                causal: true,
+                eps: self.text_model.layer_norm_eps,
+            },
+            options,
+        ); // [batch, d]
+        let pooled = norm(
+            &self.text_model.final_layer_norm,
+            pooled,
+            self.text_model.layer_norm_eps,
+        );
         self.text_projection.forward(pooled)
     }
 

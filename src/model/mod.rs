@@ -6,12 +6,14 @@ pub mod clip;
 pub mod config;
 pub mod device;
 pub mod hub;
+pub mod kernels;
 pub mod loss;
 pub mod openclip;
 pub mod preprocess;
 pub mod tokenizer;
 pub mod weights;
 
+use crate::model::kernels::ModelBackend;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -63,7 +65,7 @@ pub struct Embedder<B: Backend> {
     pub batch_size: usize,
 }
 
-impl<B: Backend> Embedder<B> {
+impl<B: ModelBackend> Embedder<B> {
     /// Loads the backbone from `model_dir` and, if given, an adapter checkpoint (whose
     /// metadata decides the adapter shape).
     pub fn load(
@@ -205,7 +207,7 @@ impl<B: Backend> Embedder<B> {
 
 /// Stacks preprocessed `[3, size, size]` images into the `[n, patches, 3·p·p]` input of
 /// [`ClipModel::image_features`].
-pub fn pixel_tensor<B: Backend>(
+pub fn pixel_tensor<B: ModelBackend>(
     images: &[&[f32]],
     size: usize,
     patch: usize,
@@ -224,7 +226,7 @@ pub fn pixel_tensor<B: Backend>(
 }
 
 /// Splits a `[n, dim]` tensor into rows.
-pub fn rows<B: Backend>(tensor: Tensor<B, 2>) -> Vec<Vec<f32>> {
+pub fn rows<B: ModelBackend>(tensor: Tensor<B, 2>) -> Vec<Vec<f32>> {
     let [_, dim] = tensor.dims();
     let data = tensor
         .into_data()

@@ -23,13 +23,13 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, IndexBackendKind};
 use crate::data::{Dataset, DatasetImage, Split};
 use crate::model::Embedder;
+use crate::model::kernels::ModelBackend;
 use crate::serve::Backbone;
 use crate::store::{SampleSplit, Store};
 use crate::train::offline::{self, Protocol, TrainConfig};
@@ -283,7 +283,7 @@ pub struct Compute {
 
 /// Runs the plan: for every seed and order, the zero-shot row, each variant's stream, and
 /// the joint bound. `progress` gets a line per finished stream.
-pub fn run<B: Backend>(
+pub fn run<B: ModelBackend>(
     plan: &Plan,
     device: &B::Device,
     mut progress: impl FnMut(&StreamRun),
@@ -361,7 +361,7 @@ where
 /// Writes an untrained adapter of shape `adapter` for the backbone in `model_dir` to `path`
 /// (version 0; its up projections are zero, so it adds nothing until trained), for streams
 /// that start from another adapter shape than the backbone's default.
-pub fn write_start_adapter<B: Backend>(
+pub fn write_start_adapter<B: ModelBackend>(
     model_dir: &Path,
     adapter: &crate::model::AdapterConfig,
     path: &Path,
@@ -383,7 +383,7 @@ pub fn write_start_adapter<B: Backend>(
 }
 
 /// The adapter a stream starts from: `model.adapter`, else the untrained one.
-fn starting<B: Backend>(
+fn starting<B: ModelBackend>(
     backbone: &Backbone<B>,
     config: &Config,
 ) -> Result<Embedder<B>, StreamError> {
@@ -399,7 +399,7 @@ fn starting<B: Backend>(
 }
 
 /// mR of `embedder` on every task's evaluation images (NaN for a task without any).
-fn evaluate_all<B: Backend>(
+fn evaluate_all<B: ModelBackend>(
     embedder: &Embedder<B>,
     tasks: &[&Task],
     max_pixels: u64,
@@ -418,7 +418,7 @@ fn evaluate_all<B: Backend>(
 }
 
 /// One stream of `tasks` through the daemon's continual path with `variant`'s settings.
-fn stream<B: Backend>(
+fn stream<B: ModelBackend>(
     variant: &Variant,
     seed: u64,
     backbone: &Arc<Backbone<B>>,
@@ -527,7 +527,7 @@ fn ledger_of(store: &Store) -> Result<crate::store::ledger::DaemonLedger, Stream
 }
 
 /// Waits until the owner has finished the promotion a run started (if any).
-fn settle<B: Backend>(
+fn settle<B: ModelBackend>(
     trainer: &Trainer<B>,
     store: &Store,
     owner: &std::thread::JoinHandle<()>,
@@ -558,7 +558,7 @@ struct JointJob<'a> {
 /// The joint bound: the offline trainer on the union of every task's streamed images, for
 /// the whole epochs nearest to the reference stream's total steps, at the reference's batch
 /// size and learning rate (constant); the last epoch's adapter is evaluated.
-fn joint<B: Backend>(
+fn joint<B: ModelBackend>(
     job: &JointJob<'_>,
     backbone: &Backbone<B>,
     tasks: &[&Task],

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use crate::model::kernels::ModelBackend;
+use crate::model::kernels::TrainBackend;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
@@ -65,7 +66,7 @@ pub struct Candidate<B: Backend> {
 /// `config.batch_size`. The result depends on `seed` and the set of samples, not on their
 /// order. The backbone's weights stay shared with `start` (wrapped for autodiff, frozen).
 #[allow(clippy::too_many_arguments)]
-pub fn train_candidate<AB: AutodiffBackend>(
+pub fn train_candidate<AB: TrainBackend>(
     start: &Embedder<AB::InnerBackend>,
     samples: &[SampleRecord],
     store: &Store,
@@ -192,7 +193,7 @@ const EVAL_CHUNK: usize = 64;
 
 /// R@K / mR of `embedder` on stored samples (every caption of every sample), embedded in
 /// chunks; `cancel` is checked between chunks.
-pub fn evaluate_on_store<B: Backend>(
+pub fn evaluate_on_store<B: ModelBackend>(
     embedder: &Embedder<B>,
     store: &Store,
     samples: &[SampleRecord],
@@ -250,7 +251,7 @@ pub fn candidate_meta(
 
 /// Saves a candidate's adapter under a content-addressed name in `dir`
 /// (`v{version}-{blake3 prefix}.safetensors`) and returns the file with its full BLAKE3.
-pub fn save_candidate<B: Backend>(
+pub fn save_candidate<B: ModelBackend>(
     embedder: &Embedder<B>,
     meta: &AdapterMeta,
     dir: &Path,

@@ -4,7 +4,6 @@
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 pub mod continual;
@@ -13,6 +12,7 @@ pub mod offline;
 pub mod trigger;
 
 use crate::model::clip::mix_seed;
+use crate::model::kernels::TrainBackend;
 use crate::model::tokenizer;
 use crate::model::{ClipModel, ForwardOptions, LossConfig, TokenBatch, l2_normalize};
 
@@ -38,7 +38,7 @@ impl StepLosses {
 }
 
 /// A CLIP whose backbone is frozen, its adapter and the Adam state.
-pub struct AdapterTrainer<B: AutodiffBackend> {
+pub struct AdapterTrainer<B: TrainBackend> {
     /// `Some` except transiently inside [`AdapterTrainer::step`].
     pub(crate) model: Option<ClipModel<B>>,
     pub(crate) optimizer: OptimizerAdaptor<Adam, ClipModel<B>, B>,
@@ -52,7 +52,7 @@ pub fn adam() -> AdamConfig {
     AdamConfig::new().with_epsilon(1e-8)
 }
 
-impl<B: AutodiffBackend> AdapterTrainer<B> {
+impl<B: TrainBackend> AdapterTrainer<B> {
     /// Freezes the backbone of `model` and sets up Adam for the adapter.
     pub fn new(model: ClipModel<B>, loss: LossConfig) -> Self {
         Self {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use burn::module::Module;
 use burn::optim::Optimizer;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::AutodiffBackend;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -26,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Dataset, DatasetImage, Split, load_pixels};
 use crate::eval::{RetrievalMetrics, evaluate};
 use crate::model::clip::mix_seed;
+use crate::model::kernels::TrainBackend;
 use crate::model::weights::{self, AdapterMeta, LoadedClip};
 use crate::model::{
     AdapterConfig, ClipTokenizer, Embedder, LossConfig, LossKind, TokenBatch, pixel_tensor,
@@ -294,7 +294,7 @@ fn now_rfc3339() -> String {
 
 /// Runs (or resumes) training. `interrupt` is polled between steps; when set, the state is
 /// saved and [`Outcome::Interrupted`] returned.
-pub fn train<AB: AutodiffBackend>(
+pub fn train<AB: TrainBackend>(
     config: &TrainConfig,
     resume: bool,
     device: &AB::Device,
@@ -574,9 +574,7 @@ pub fn train<AB: AutodiffBackend>(
 }
 
 /// The inner (inference) device of an autodiff device: the same value.
-fn device_inner<AB: AutodiffBackend>(
-    device: &AB::Device,
-) -> burn::tensor::Device<AB::InnerBackend> {
+fn device_inner<AB: TrainBackend>(device: &AB::Device) -> burn::tensor::Device<AB::InnerBackend> {
     device.clone()
 }
 
@@ -599,7 +597,7 @@ fn progress_bar(total: usize, position: usize) -> Option<indicatif::ProgressBar>
 
 /// Saves adapter (with parameter ids), Adam state and progress: written to a temp directory,
 /// then swapped in, so a crash mid-save leaves the previous state intact.
-fn save_state<AB: AutodiffBackend>(
+fn save_state<AB: TrainBackend>(
     trainer: &AdapterTrainer<AB>,
     progress: &Progress,
     state_dir: &Path,
@@ -698,7 +696,7 @@ pub type AdamRecord<B> = <burn::optim::adaptor::OptimizerAdaptor<
     B,
 > as Optimizer<crate::model::ClipModel<B>, B>>::Record;
 
-impl<B: AutodiffBackend> AdapterTrainer<B> {
+impl<B: TrainBackend> AdapterTrainer<B> {
     /// Records of the adapter (with parameter ids) and of Adam, for resumable state.
     pub fn records(&self) -> (AdapterRecord<B>, AdamRecord<B>) {
         (

@@ -21,6 +21,7 @@ use super::gate::{self, Side};
 use crate::config::Config;
 use crate::eval::RetrievalMetrics;
 use crate::model::Embedder;
+use crate::model::kernels::ModelBackend;
 use crate::serve::{Backbone, Live};
 use crate::store::ledger::{
     DaemonLedger, GateSlice, LedgerChange, TrainingProgress, VersionRecord,
@@ -77,7 +78,7 @@ pub struct Trainer<B: Backend> {
     pub cancel: CancellationToken,
 }
 
-impl<B: Backend> Trainer<B> {
+impl<B: ModelBackend> Trainer<B> {
     /// Runs until cancelled.
     pub fn run(&self) {
         while !self.cancel.is_cancelled() {

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::index::VectorIndex;
 use crate::indexer::embed_points;
 use crate::model::Embedder;
+use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::ImageLimits;
 use crate::serve::{Backbone, Live, ServingModel};
 use crate::store::ledger::{
@@ -101,7 +102,7 @@ pub struct Handle<B: Backend> {
     sender: SyncSender<Command<B>>,
 }
 
-impl<B: Backend> Clone for Handle<B> {
+impl<B: ModelBackend> Clone for Handle<B> {
     fn clone(&self) -> Self {
         Self {
             sender: self.sender.clone(),
@@ -109,7 +110,7 @@ impl<B: Backend> Clone for Handle<B> {
     }
 }
 
-impl<B: Backend> Handle<B> {
+impl<B: ModelBackend> Handle<B> {
     fn try_send(&self, command: Command<B>) -> Result<(), VersionError> {
         self.sender.try_send(command).map_err(|error| match error {
             TrySendError::Full(_) => VersionError::Busy(
@@ -368,7 +369,7 @@ pub struct Owner<B: Backend> {
     cancel: CancellationToken,
 }
 
-impl<B: Backend> Owner<B> {
+impl<B: ModelBackend> Owner<B> {
     /// Reads (or migrates) the ledger, loads the live adapter on the shared backbone, makes
     /// the index agree with the ledger, and resumes a promotion in progress.
     pub fn start(
@@ -837,7 +838,7 @@ impl<B: Backend> Owner<B> {
 }
 
 /// What a version's vectors are made with, for the index's record of it.
-fn version_info<B: Backend>(
+fn version_info<B: ModelBackend>(
     backbone: &Backbone<B>,
     record: &VersionRecord,
 ) -> crate::index::VersionInfo {

@@ -1,0 +1,850 @@
+//! Fused CPU kernels for the element-wise work of a training step, as custom backend
+//! operations with their own backward (burn's extension point, not a fork of burn).
+//!
+//! Under `Autodiff`, burn builds LayerNorm from eight primitive ops and quick-GELU from three,
+//! each a separate single-threaded pass over memory that keeps its own copy for the backward
+//! (docs/PERFORMANCE.md, issue #15). Here each is one pass, split over the cores by rows,
+//! vectorised with AVX2/FMA where the CPU has them, and its backward keeps only the input.
+//!
+//! [`ModelBackend`] is what the model's forward passes require. The CPU backend (`Flex`)
+//! provides the kernels; a backend without them (CUDA) keeps burn's own ops, through the
+//! trait's default methods, with or without autodiff.
+
+use burn::backend::Autodiff;
+use burn::backend::Flex;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::prelude::*;
+use burn::tensor::activation::sigmoid;
+use burn::tensor::ops::{FloatTensor, ModuleOps};
+use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
+use rayon::prelude::*;
+
+/// LayerNorm gradients: input, γ, β (each only when asked for).
+pub type LayerNormGrads<B> = (
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+);
+
+/// The backend operations the CLIP forward passes use beyond burn's `Backend`.
+///
+/// The `*_saving` methods are the forward kernels an autodiff wrapper records with their
+/// backward (`*_grad`); a backend without kernels returns `None` from them and keeps burn's
+/// own ops.
+pub trait ModelBackend: Backend {
+    /// LayerNorm over the last dimension with a bias (`(x − mean) / √(var + ε) · γ + β`).
+    fn layer_norm_fused(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        Self::layer_norm(x, gamma, Some(beta), epsilon)
+    }
+
+    /// `x · σ(1.702 x)` (OpenAI CLIP's activation).
+    fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        quick_gelu_composite::<Self>(x)
+    }
+
+    /// LayerNorm forward that also returns what its backward needs (per-row mean and 1/σ,
+    /// `[rows · 2]`); `None` where the backend has no kernel.
+    fn layer_norm_saving(
+        _x: &FloatTensor<Self>,
+        _gamma: &FloatTensor<Self>,
+        _beta: &FloatTensor<Self>,
+        _epsilon: f64,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// LayerNorm backward from [`Self::layer_norm_saving`]'s statistics (burn's ops unless
+    /// the backend has a kernel).
+    fn layer_norm_grad(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        want_input: bool,
+        want_params: bool,
+    ) -> LayerNormGrads<Self> {
+        layer_norm_grad_composite::<Self>(x, gamma, stats, grad, want_input, want_params)
+    }
+
+    /// Quick-GELU forward for an autodiff wrapper (it keeps only the input); `None` where the
+    /// backend has no kernel.
+    fn quick_gelu_saving(_x: &FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// Gradient of quick-GELU with respect to its input `x`.
+    fn quick_gelu_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        quick_gelu_grad_composite::<Self>(x, grad)
+    }
+}
+
+/// burn's ops for quick-GELU (any backend).
+fn quick_gelu_composite<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = x.shape();
+    let x = flat::<B>(x);
+    B::float_reshape(
+        (x.clone() * sigmoid(x * QUICK_GELU_ALPHA as f64))
+            .into_primitive()
+            .tensor(),
+        shape,
+    )
+}
+
+/// Any tensor as a rank-1 `Tensor` (element-wise work does not care about the shape).
+fn flat<B: Backend>(x: FloatTensor<B>) -> Tensor<B, 1> {
+    let n = x.shape().num_elements();
+    Tensor::from_primitive(TensorPrimitive::Float(B::float_reshape(
+        x,
+        burn::tensor::Shape::new([n]),
+    )))
+}
+
+impl ModelBackend for Flex {
+    fn layer_norm_fused(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        match Self::layer_norm_saving(&x, &gamma, &beta, epsilon) {
+            Some((output, _)) => output,
+            None => Self::layer_norm(x, gamma, Some(beta), epsilon),
+        }
+    }
+
+    fn quick_gelu(x: FlexTensor) -> FlexTensor {
+        match Self::quick_gelu_saving(&x) {
+            Some(output) => output,
+            None => quick_gelu_composite::<Self>(x),
+        }
+    }
+
+    fn layer_norm_saving(
+        x: &FlexTensor,
+        gamma: &FlexTensor,
+        beta: &FlexTensor,
+        epsilon: f64,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        let f32s = [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32);
+        f32s.then(|| layer_norm_forward(x, gamma, beta, epsilon as f32))
+    }
+
+    fn layer_norm_grad(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        stats: FlexTensor,
+        grad: FlexTensor,
+        want_input: bool,
+        want_params: bool,
+    ) -> LayerNormGrads<Self> {
+        layer_norm_backward(&x, &gamma, &stats, &grad, want_input, want_params)
+    }
+
+    fn quick_gelu_saving(x: &FlexTensor) -> Option<FlexTensor> {
+        (x.dtype() == DType::F32).then(|| quick_gelu_forward(x))
+    }
+
+    fn quick_gelu_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        quick_gelu_backward(&x, &grad)
+    }
+}
+
+impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
+    fn layer_norm_fused(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        /// State: the input, γ, and the per-row statistics.
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl<B: ModelBackend> Backward<B, 3> for LayerNormBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [x_node, gamma_node, beta_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, stats) = ops.state;
+                let want_params = gamma_node.is_some() || beta_node.is_some();
+                let (dx, dgamma, dbeta) =
+                    B::layer_norm_grad(x, gamma, stats, grad, x_node.is_some(), want_params);
+                for (node, grad) in [(x_node, dx), (gamma_node, dgamma), (beta_node, dbeta)] {
+                    if let (Some(node), Some(grad)) = (node, grad) {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let Some((output, stats)) =
+            B::layer_norm_saving(&x.primitive, &gamma.primitive, &beta.primitive, epsilon)
+        else {
+            return Self::layer_norm(x, gamma, Some(beta), epsilon);
+        };
+        match LayerNormBackward
+            .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, stats), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+
+    fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        /// State: the input only (burn's composite keeps the input and σ twice over).
+        #[derive(Debug)]
+        struct QuickGeluBackward;
+
+        impl<B: ModelBackend> Backward<B, 1> for QuickGeluBackward {
+            type State = FloatTensor<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [parent] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                if let Some(node) = parent {
+                    grads.register::<B>(node.id, B::quick_gelu_grad(ops.state, grad));
+                }
+            }
+        }
+
+        let Some(output) = B::quick_gelu_saving(&x.primitive) else {
+            return quick_gelu_composite::<Self>(x);
+        };
+        match QuickGeluBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(x.primitive, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+}
+
+/// LayerNorm backward in burn's ops (any backend), from per-row mean and 1/σ.
+pub fn layer_norm_grad_composite<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    stats: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    want_input: bool,
+    want_params: bool,
+) -> LayerNormGrads<B> {
+    let shape = x.shape();
+    let gamma = flat::<B>(gamma);
+    let d = gamma.dims()[0];
+    let rows = shape.num_elements() / d;
+    let x = flat::<B>(x).reshape([rows, d]);
+    let grad = flat::<B>(grad).reshape([rows, d]);
+    let stats = flat::<B>(stats).reshape([rows, 2]);
+    let mean = stats.clone().slice([0..rows, 0..1]);
+    let rstd = stats.slice([0..rows, 1..2]);
+    let x_hat = (x - mean) * rstd.clone();
+    let g_hat = grad.clone() * gamma.unsqueeze::<2>();
+    let dx = want_input.then(|| {
+        let a = g_hat.clone().mean_dim(1);
+        let b = (g_hat.clone() * x_hat.clone()).mean_dim(1);
+        let dx = (g_hat - a - x_hat.clone() * b) * rstd;
+        B::float_reshape(dx.into_primitive().tensor(), shape)
+    });
+    if !want_params {
+        return (dx, None, None);
+    }
+    let dgamma = (grad.clone() * x_hat).sum_dim(0).reshape([d]);
+    let dbeta = grad.sum_dim(0).reshape([d]);
+    (
+        dx,
+        Some(dgamma.into_primitive().tensor()),
+        Some(dbeta.into_primitive().tensor()),
+    )
+}
+
+/// Quick-GELU's input gradient in burn's ops (any backend).
+pub fn quick_gelu_grad_composite<B: Backend>(
+    x: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let x = flat::<B>(x);
+    let grad = flat::<B>(grad);
+    let s = sigmoid(x.clone() * QUICK_GELU_ALPHA as f64);
+    // d/dx [x σ(αx)] = σ + αx σ (1 − σ)
+    let derivative = s.clone() + x * QUICK_GELU_ALPHA as f64 * s.clone() * (s.neg() + 1.0);
+    B::float_reshape((grad * derivative).into_primitive().tensor(), shape)
+}
+
+/// A training backend: autodiff over a [`ModelBackend`], itself one.
+pub trait TrainBackend:
+    burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend
+{
+}
+
+impl<T> TrainBackend for T where
+    T: burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend
+{
+}
+
+#[cfg(feature = "cuda")]
+impl ModelBackend for super::device::Cuda {}
+
+/// LayerNorm with the parameters of burn's `LayerNorm` module and its `epsilon` (which the
+/// module keeps private).
+pub fn layer_norm<B: ModelBackend, const D: usize>(
+    norm: &burn::nn::LayerNorm<B>,
+    x: Tensor<B, D>,
+    epsilon: f64,
+) -> Tensor<B, D> {
+    match &norm.beta {
+        Some(beta) => Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm_fused(
+            x.into_primitive().tensor(),
+            norm.gamma.val().into_primitive().tensor(),
+            beta.val().into_primitive().tensor(),
+            epsilon,
+        ))),
+        None => norm.forward(x),
+    }
+}
+
+/// `x · σ(1.702 x)` on any tensor.
+pub fn quick_gelu<B: ModelBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::quick_gelu(
+        x.into_primitive().tensor(),
+    )))
+}
+
+pub const QUICK_GELU_ALPHA: f32 = 1.702;
+
+// ---------------------------------------------------------------------------------------------
+// Kernels (f32, contiguous rows)
+// ---------------------------------------------------------------------------------------------
+
+/// Elements per parallel task: small enough to split a ViT-B batch over the cores, large
+/// enough that scheduling costs nothing next to the work.
+const TASK_ELEMENTS: usize = 16 * 1024;
+
+/// The tensor's values in row-major order (a copy only when it is a strided view).
+fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(slice) => std::borrow::Cow::Borrowed(slice),
+        None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Whether this CPU runs the AVX2/FMA versions (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static DETECTED: OnceLock<bool> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// Defines `$name(args)` that runs `$body` compiled for AVX2+FMA when the CPU has them and
+/// for the baseline target otherwise: the loops are written so that LLVM vectorises them
+/// (no intrinsics), and `FMA` selects fused multiply-adds only where they are native.
+macro_rules! dispatch {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn fast($($arg: $ty),*) $(-> $ret)? {
+                    $body::<true>($($arg),*)
+                }
+                if has_avx2_fma() {
+                    // SAFETY: the CPU was checked to support AVX2 and FMA.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            $body::<false>($($arg),*)
+        }
+    };
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `eˣ` to within 2 ulp (Cephes' `expf`): range reduction by ln 2 and a degree-6 polynomial,
+/// in plain arithmetic so a loop over it vectorises.
+#[inline(always)]
+fn exp_approx<const FMA: bool>(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let x = x.clamp(-87.336_55, 88.376_26);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = madd::<FMA>(n, -0.693_359_4, x);
+    let r = madd::<FMA>(n, 2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 0.5);
+    let p = madd::<FMA>(p, r * r, r) + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
+fn quick_gelu_rows<const FMA: bool>(input: &[f32], output: &mut [f32]) {
+    for (y, &x) in output.iter_mut().zip(input) {
+        *y = x / (1.0 + exp_approx::<FMA>(-QUICK_GELU_ALPHA * x));
+    }
+}
+
+dispatch!(fn quick_gelu_chunk(input: &[f32], output: &mut [f32]) = quick_gelu_rows);
+
+#[inline(always)]
+fn quick_gelu_grad_rows<const FMA: bool>(input: &[f32], grad: &[f32], output: &mut [f32]) {
+    for ((dx, &x), &g) in output.iter_mut().zip(input).zip(grad) {
+        let s = 1.0 / (1.0 + exp_approx::<FMA>(-QUICK_GELU_ALPHA * x));
+        // d/dx [x σ(αx)] = σ + αx σ (1 − σ)
+        *dx = g * madd::<FMA>(QUICK_GELU_ALPHA * x * s, 1.0 - s, s);
+    }
+}
+
+dispatch!(fn quick_gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = quick_gelu_grad_rows);
+
+/// Quick-GELU forward on an f32 tensor.
+pub fn quick_gelu_forward(x: &FlexTensor) -> FlexTensor {
+    let input = values(x);
+    let mut output = vec![0.0f32; input.len()];
+    output
+        .par_chunks_mut(TASK_ELEMENTS)
+        .zip(input.par_chunks(TASK_ELEMENTS))
+        .for_each(|(out, inp)| quick_gelu_chunk(inp, out));
+    tensor(output, x.layout().shape().clone())
+}
+
+/// Gradient of quick-GELU with respect to its input.
+pub fn quick_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+    let input = values(x);
+    let grad_values = values(grad);
+    let mut output = vec![0.0f32; input.len()];
+    output
+        .par_chunks_mut(TASK_ELEMENTS)
+        .zip(input.par_chunks(TASK_ELEMENTS))
+        .zip(grad_values.par_chunks(TASK_ELEMENTS))
+        .for_each(|((out, inp), g)| quick_gelu_grad_chunk(inp, g, out));
+    tensor(output, x.layout().shape().clone())
+}
+
+#[inline(always)]
+fn layer_norm_rows<const FMA: bool>(
+    input: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+    output: &mut [f32],
+    stats: &mut [f32],
+) {
+    let d = gamma.len();
+    for ((x, y), stat) in input
+        .chunks_exact(d)
+        .zip(output.chunks_exact_mut(d))
+        .zip(stats.chunks_exact_mut(2))
+    {
+        let mean = row_sum(x) / d as f32;
+        let mut lanes = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                let c = v - mean;
+                *lane = madd::<FMA>(c, c, *lane);
+            }
+        }
+        let mut var: f32 = lanes.iter().sum();
+        for &v in tail {
+            var += (v - mean) * (v - mean);
+        }
+        let rstd = 1.0 / (var / d as f32 + epsilon).sqrt();
+        for (((out, &v), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *out = madd::<FMA>((v - mean) * rstd, g, b);
+        }
+        stat[0] = mean;
+        stat[1] = rstd;
+    }
+}
+
+/// Sum of a row with 16 partial accumulators (vectorises; one accumulator would not).
+#[inline(always)]
+fn row_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+dispatch!(fn layer_norm_chunk(
+    input: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f32,
+    output: &mut [f32],
+    stats: &mut [f32],
+) = layer_norm_rows);
+
+/// Rows per parallel task for rows of `d` values.
+fn rows_per_task(d: usize) -> usize {
+    (TASK_ELEMENTS / d.max(1)).max(1)
+}
+
+/// LayerNorm forward over the last dimension; also returns each row's mean and 1/σ.
+pub fn layer_norm_forward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    epsilon: f32,
+) -> (FlexTensor, FlexTensor) {
+    let input = values(x);
+    let gamma = values(gamma);
+    let beta = values(beta);
+    let d = gamma.len();
+    let rows = input.len() / d;
+    let mut output = vec![0.0f32; input.len()];
+    let mut stats = vec![0.0f32; rows * 2];
+    let per_task = rows_per_task(d);
+    output
+        .par_chunks_mut(per_task * d)
+        .zip(input.par_chunks(per_task * d))
+        .zip(stats.par_chunks_mut(per_task * 2))
+        .for_each(|((out, inp), stat)| layer_norm_chunk(inp, &gamma, &beta, epsilon, out, stat));
+    let stats_len = stats.len();
+    (
+        tensor(output, x.layout().shape().clone()),
+        tensor(stats, burn::tensor::Shape::new([stats_len])),
+    )
+}
+
+#[inline(always)]
+fn layer_norm_grad_rows<const FMA: bool>(
+    input: &[f32],
+    gamma: &[f32],
+    stats: &[f32],
+    grad: &[f32],
+    dx: &mut [f32],
+) {
+    let d = gamma.len();
+    for (((x, g), stat), out) in input
+        .chunks_exact(d)
+        .zip(grad.chunks_exact(d))
+        .zip(stats.chunks_exact(2))
+        .zip(dx.chunks_exact_mut(d))
+    {
+        let (mean, rstd) = (stat[0], stat[1]);
+        // dx = rstd · (ĝ − mean(ĝ) − x̂ · mean(ĝ x̂)), ĝ = g γ, x̂ = (x − mean) rstd
+        let mut sum_g = [0.0f32; 16];
+        let mut sum_gx = [0.0f32; 16];
+        let chunks = x
+            .chunks_exact(16)
+            .zip(g.chunks_exact(16))
+            .zip(gamma.chunks_exact(16));
+        for ((xc, gc), wc) in chunks {
+            for i in 0..16 {
+                let gh = gc[i] * wc[i];
+                let xh = (xc[i] - mean) * rstd;
+                sum_g[i] += gh;
+                sum_gx[i] = madd::<FMA>(gh, xh, sum_gx[i]);
+            }
+        }
+        let mut a: f32 = sum_g.iter().sum();
+        let mut b: f32 = sum_gx.iter().sum();
+        for i in (d / 16 * 16)..d {
+            let gh = g[i] * gamma[i];
+            a += gh;
+            b += gh * (x[i] - mean) * rstd;
+        }
+        let (a, b) = (a / d as f32, b / d as f32);
+        for (((o, &xv), &gv), &w) in out.iter_mut().zip(x).zip(g).zip(gamma) {
+            let xh = (xv - mean) * rstd;
+            *o = rstd * (gv * w - a - xh * b);
+        }
+    }
+}
+
+dispatch!(fn layer_norm_grad_chunk(
+    input: &[f32],
+    gamma: &[f32],
+    stats: &[f32],
+    grad: &[f32],
+    dx: &mut [f32],
+) = layer_norm_grad_rows);
+
+/// LayerNorm backward: gradients of the input and, when asked, of γ and β.
+pub fn layer_norm_backward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    stats: &FlexTensor,
+    grad: &FlexTensor,
+    want_input: bool,
+    want_params: bool,
+) -> LayerNormGrads<Flex> {
+    let stats = values(stats);
+    let stats: &[f32] = &stats;
+    let input = values(x);
+    let grad_values = values(grad);
+    let gamma_values = values(gamma);
+    let d = gamma_values.len();
+    let dx = want_input.then(|| {
+        let mut dx = vec![0.0f32; input.len()];
+        let per_task = rows_per_task(d);
+        dx.par_chunks_mut(per_task * d)
+            .zip(input.par_chunks(per_task * d))
+            .zip(grad_values.par_chunks(per_task * d))
+            .zip(stats.par_chunks(per_task * 2))
+            .for_each(|(((out, inp), g), stat)| {
+                layer_norm_grad_chunk(inp, &gamma_values, stat, g, out)
+            });
+        tensor(dx, x.layout().shape().clone())
+    });
+    if !want_params {
+        return (dx, None, None);
+    }
+    // γ and β of the frozen backbone never need this; an adapter-side LayerNorm would.
+    let mut dgamma = vec![0.0f32; d];
+    let mut dbeta = vec![0.0f32; d];
+    for ((x, g), stat) in input
+        .chunks_exact(d)
+        .zip(grad_values.chunks_exact(d))
+        .zip(stats.chunks_exact(2))
+    {
+        for i in 0..d {
+            dgamma[i] += g[i] * (x[i] - stat[0]) * stat[1];
+            dbeta[i] += g[i];
+        }
+    }
+    let shape = gamma.layout().shape().clone();
+    (
+        dx,
+        Some(tensor(dgamma, shape.clone())),
+        Some(tensor(dbeta, shape)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Distribution, Tolerance};
+
+    type AB = Autodiff<Flex>;
+
+    #[test]
+    fn exp_approx_is_within_a_few_ulp_on_both_paths() {
+        let mut worst = [0.0f64; 2];
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let exact = (x as f64).exp();
+            for (path, value) in [exp_approx::<false>(x), exp_approx::<true>(x)]
+                .iter()
+                .enumerate()
+            {
+                worst[path] = worst[path].max(((*value as f64 - exact) / exact).abs());
+            }
+            x += 0.0137;
+        }
+        assert!(
+            worst[0] < 3e-7 && worst[1] < 3e-7,
+            "relative errors {worst:?}"
+        );
+        assert_eq!(
+            exp_approx::<false>(-1000.0),
+            exp_approx::<false>(-87.336_55)
+        );
+        assert!(exp_approx::<false>(1000.0).is_finite());
+    }
+
+    /// burn's own ops on the autodiff backend: the reference the kernels must match.
+    fn reference_layer_norm(
+        x: Tensor<AB, 3>,
+        gamma: Tensor<AB, 1>,
+        beta: Tensor<AB, 1>,
+    ) -> Tensor<AB, 3> {
+        Tensor::from_primitive(TensorPrimitive::Float(AB::layer_norm(
+            x.into_primitive().tensor(),
+            gamma.into_primitive().tensor(),
+            Some(beta.into_primitive().tensor()),
+            1e-5,
+        )))
+    }
+
+    fn fused_layer_norm(
+        x: Tensor<AB, 3>,
+        gamma: Tensor<AB, 1>,
+        beta: Tensor<AB, 1>,
+    ) -> Tensor<AB, 3> {
+        Tensor::from_primitive(TensorPrimitive::Float(AB::layer_norm_fused(
+            x.into_primitive().tensor(),
+            gamma.into_primitive().tensor(),
+            beta.into_primitive().tensor(),
+            1e-5,
+        )))
+    }
+
+    #[test]
+    fn layer_norm_matches_burn_forward_and_backward() {
+        let device = Default::default();
+        // 2·50 rows of 83: not a multiple of 16 (tails), more rows than one task.
+        let x = Tensor::<Flex, 3>::random([2, 50, 83], Distribution::Normal(0.5, 2.0), &device);
+        let gamma = Tensor::<Flex, 1>::random([83], Distribution::Normal(1.0, 0.3), &device);
+        let beta = Tensor::<Flex, 1>::random([83], Distribution::Normal(0.0, 0.3), &device);
+        let weights =
+            Tensor::<Flex, 3>::random([2, 50, 83], Distribution::Normal(0.0, 1.0), &device);
+        let mut results = Vec::new();
+        for fused in [false, true] {
+            let x = Tensor::<AB, 3>::from_inner(x.clone()).require_grad();
+            let gamma = Tensor::<AB, 1>::from_inner(gamma.clone()).require_grad();
+            let beta = Tensor::<AB, 1>::from_inner(beta.clone()).require_grad();
+            let y = if fused {
+                fused_layer_norm(x.clone(), gamma.clone(), beta.clone())
+            } else {
+                reference_layer_norm(x.clone(), gamma.clone(), beta.clone())
+            };
+            // A loss whose gradient is not uniform, so every term of the backward counts.
+            let loss = (y.clone() * Tensor::from_inner(weights.clone())).sum();
+            let grads = loss.backward();
+            results.push((
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                gamma.grad(&grads).unwrap(),
+                beta.grad(&grads).unwrap(),
+            ));
+        }
+        let (reference, fused) = (&results[0], &results[1]);
+        let tolerance = Tolerance::<f32>::absolute(2e-5);
+        fused
+            .0
+            .to_data()
+            .assert_approx_eq::<f32>(&reference.0.to_data(), tolerance);
+        fused
+            .1
+            .to_data()
+            .assert_approx_eq::<f32>(&reference.1.to_data(), tolerance);
+        fused
+            .2
+            .to_data()
+            .assert_approx_eq::<f32>(&reference.2.to_data(), Tolerance::absolute(1e-3));
+        fused
+            .3
+            .to_data()
+            .assert_approx_eq::<f32>(&reference.3.to_data(), Tolerance::absolute(1e-3));
+    }
+
+    #[test]
+    fn layer_norm_of_a_frozen_norm_keeps_no_parameter_gradient() {
+        let device = Default::default();
+        let x = Tensor::<AB, 2>::random([4, 32], Distribution::Default, &device).require_grad();
+        let gamma = Tensor::<AB, 1>::ones([32], &device);
+        let beta = Tensor::<AB, 1>::zeros([32], &device);
+        let y: Tensor<AB, 2> =
+            Tensor::from_primitive(TensorPrimitive::Float(AB::layer_norm_fused(
+                x.clone().into_primitive().tensor(),
+                gamma.clone().into_primitive().tensor(),
+                beta.clone().into_primitive().tensor(),
+                1e-5,
+            )));
+        let grads = y.powi_scalar(2).sum().backward();
+        assert!(x.grad(&grads).is_some());
+        assert!(gamma.grad(&grads).is_none() && beta.grad(&grads).is_none());
+    }
+
+    #[test]
+    fn quick_gelu_matches_burn_forward_and_backward() {
+        let device = Default::default();
+        // Beyond ±88/1.702 too, where σ saturates.
+        let x = Tensor::<Flex, 2>::random([37, 1001], Distribution::Normal(0.0, 30.0), &device);
+        let weights =
+            Tensor::<Flex, 2>::random([37, 1001], Distribution::Normal(0.0, 1.0), &device);
+        let mut results = Vec::new();
+        for fused in [false, true] {
+            let x = Tensor::<AB, 2>::from_inner(x.clone()).require_grad();
+            let y = if fused {
+                quick_gelu(x.clone())
+            } else {
+                x.clone() * sigmoid(x.clone() * QUICK_GELU_ALPHA as f64)
+            };
+            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                .sum()
+                .backward();
+            results.push((y.inner(), x.grad(&grads).unwrap()));
+        }
+        let tolerance = Tolerance::<f32>::relative(1e-5).set_absolute(1e-5);
+        results[1]
+            .0
+            .to_data()
+            .assert_approx_eq::<f32>(&results[0].0.to_data(), tolerance);
+        results[1]
+            .1
+            .to_data()
+            .assert_approx_eq::<f32>(&results[0].1.to_data(), tolerance);
+        // And the inference backend runs the same kernel.
+        quick_gelu(x.clone())
+            .to_data()
+            .assert_approx_eq::<f32>(&results[1].0.to_data(), Tolerance::absolute(0.0));
+    }
+
+    /// The backward that a backend without kernels would run (burn's ops) agrees with the
+    /// kernels': the default methods are checked here, on the CPU.
+    #[test]
+    fn composite_backwards_match_the_kernels() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::random([64, 77], Distribution::Normal(0.0, 2.0), &device);
+        let grad = Tensor::<Flex, 2>::random([64, 77], Distribution::Normal(0.0, 1.0), &device);
+        let gamma = Tensor::<Flex, 1>::random([77], Distribution::Normal(1.0, 0.2), &device);
+        let beta = Tensor::<Flex, 1>::random([77], Distribution::Normal(0.0, 0.2), &device);
+        let p = |t: &Tensor<Flex, 2>| t.clone().into_primitive().tensor();
+        let (gamma, beta) = (
+            gamma.into_primitive().tensor(),
+            beta.into_primitive().tensor(),
+        );
+        let (_, stats) = Flex::layer_norm_saving(&p(&x), &gamma, &beta, 1e-5).unwrap();
+        let kernel =
+            Flex::layer_norm_grad(p(&x), gamma.clone(), stats.clone(), p(&grad), true, true);
+        let composite =
+            layer_norm_grad_composite::<Flex>(p(&x), gamma, stats, p(&grad), true, true);
+        for (k, c) in [
+            (kernel.0, composite.0),
+            (kernel.1, composite.1),
+            (kernel.2, composite.2),
+        ] {
+            let (k, c) = (k.unwrap().into_data(), c.unwrap().into_data());
+            k.assert_approx_eq::<f32>(&c, Tolerance::absolute(1e-4));
+        }
+        let kernel = Flex::quick_gelu_grad(p(&x), p(&grad)).into_data();
+        let composite = quick_gelu_grad_composite::<Flex>(p(&x), p(&grad)).into_data();
+        kernel.assert_approx_eq::<f32>(&composite, Tolerance::relative(1e-5).set_absolute(1e-5));
+    }
+}

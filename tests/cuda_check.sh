@@ -3,9 +3,12 @@
 #   1. builds with --features cuda (unless BIN names a binary built so);
 #   2. embeds rs-mini images and captions with the tiny model on CPU and on CUDA and compares
 #      the normalized embeddings (max abs difference must be <= 1e-3; 3.7e-4 measured on an H200);
-#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA.
+#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA (ViT-L/14 at the end);
+#   4. runs the daemon end to end on CUDA (tests/daemon_e2e.py: inbox ingest -> embed -> train
+#      -> gate -> promote -> re-embed -> search), with the tiny model and an embedded index.
 # Results go to $OUT (default ./cuda-check-out): cpu.jsonl, cuda.jsonl, compare.txt, bench-cuda.json,
-# and autotune/ (cubecl's tuning results: carry it and set AUTOTUNE_CACHE to it next time).
+# e2e-cuda.json and e2e-cuda.log, and autotune/ (cubecl's tuning results: carry it and set
+# AUTOTUNE_CACHE to it next time).
 set -euo pipefail
 OUT="${OUT:-cuda-check-out}"
 mkdir -p "$OUT"
@@ -47,3 +50,9 @@ sys.exit(0 if worst <= 1e-3 and len(cpu) == len(gpu) == 5 else 1)
 PY
 "$BIN" bench --device cuda --preset vit-b-32 --batch-size 16 --iterations 10 \
   --captions "$SHARED/data/rs-mini/dataset.json" | tee "$OUT/bench-cuda.json"
+python3 tests/daemon_e2e.py --bin "$BIN" --device cuda --log "$OUT/e2e-cuda.log" \
+  --mini "$SHARED/data/rs-mini" | tee "$OUT/e2e-cuda.json"
+# ViT-L/14 last: its matmul shapes are new to the autotune cache, and what came before must
+# not wait on them.
+"$BIN" bench --device cuda --preset ViT-L-14 --batch-size 16 --iterations 5 \
+  --captions "$SHARED/data/rs-mini/dataset.json" | tee "$OUT/bench-cuda-l14.json"

@@ -7,14 +7,13 @@
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, TensorData};
 
 use super::adapter::{Modality, MrsAdapter, TokenPositions, dropout_rows_from};
 use super::config::{AdapterConfig, ClipConfig, HiddenAct};
-use super::kernels::{ModelBackend, layer_norm as norm, quick_gelu};
+use super::kernels::{ModelBackend, activation, layer_norm as norm};
 
 /// Applies a `Linear` to `[batch, tokens, d_in]` as one `[batch·tokens, d_in]` matmul.
 ///
@@ -170,12 +169,7 @@ pub struct ClipMlp<B: Backend> {
 impl<B: ModelBackend> ClipMlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let hidden = linear_tokens(&self.fc1, x);
-        let hidden = match self.activation {
-            HiddenAct::QuickGelu => quick_gelu(hidden),
-            HiddenAct::Gelu => gelu(hidden),
-            HiddenAct::GeluTanh => gelu_approximate(hidden),
-        };
-        linear_tokens(&self.fc2, hidden)
+        linear_tokens(&self.fc2, activation(hidden, self.activation))
     }
 }
 

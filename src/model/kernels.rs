@@ -1,10 +1,11 @@
 //! Fused CPU kernels for the element-wise work of a training step, as custom backend
 //! operations with their own backward (burn's extension point, not a fork of burn).
 //!
-//! Under `Autodiff`, burn builds LayerNorm from eight primitive ops and quick-GELU from three,
-//! each a separate single-threaded pass over memory that keeps its own copy for the backward
-//! (docs/PERFORMANCE.md, issue #15). Here each is one pass, split over the cores by rows,
-//! vectorised with AVX2/FMA where the CPU has them, and its backward keeps only the input.
+//! Under `Autodiff`, burn builds LayerNorm from eight primitive ops and the MLP activations
+//! (quick-GELU, erf-GELU) from three to six, each a separate single-threaded pass over memory
+//! that keeps its own copy for the backward (docs/PERFORMANCE.md, issue #15). Here each is one
+//! pass, split over the cores by rows, vectorised with AVX2/FMA where the CPU has them, and its
+//! backward keeps only the input.
 //!
 //! [`ModelBackend`] is what the model's forward passes require. The CPU backend (`Flex`)
 //! provides the kernels; a backend without them (CUDA) keeps burn's own ops, through the
@@ -18,10 +19,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
-use burn::tensor::activation::sigmoid;
+use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
 use burn::tensor::ops::{FloatTensor, ModuleOps};
 use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
 use rayon::prelude::*;
+
+use super::config::HiddenAct;
 
 /// LayerNorm gradients: input, γ, β (each only when asked for).
 pub type LayerNormGrads<B> = (
@@ -50,11 +53,11 @@ pub trait ModelBackend: Backend {
         }
     }
 
-    /// `x · σ(1.702 x)` (OpenAI CLIP's activation): the backend's kernel, else burn's ops.
-    fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match Self::quick_gelu_saving(&x) {
+    /// The MLP activation `act` element-wise: the backend's kernel, else burn's ops.
+    fn activation(x: FloatTensor<Self>, act: HiddenAct) -> FloatTensor<Self> {
+        match Self::activation_saving(&x, act) {
             Some(output) => output,
-            None => quick_gelu_composite::<Self>(x),
+            None => activation_composite::<Self>(x, act),
         }
     }
 
@@ -82,28 +85,32 @@ pub trait ModelBackend: Backend {
         layer_norm_grad_composite::<Self>(x, gamma, stats, grad, want_input, want_params)
     }
 
-    /// Quick-GELU forward for an autodiff wrapper (it keeps only the input); `None` where the
-    /// backend has no kernel.
-    fn quick_gelu_saving(_x: &FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+    /// Activation forward for an autodiff wrapper (it keeps only the input); `None` where the
+    /// backend has no kernel for `act`.
+    fn activation_saving(_x: &FloatTensor<Self>, _act: HiddenAct) -> Option<FloatTensor<Self>> {
         None
     }
 
-    /// Gradient of quick-GELU with respect to its input `x`.
-    fn quick_gelu_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        quick_gelu_grad_composite::<Self>(x, grad)
+    /// Gradient of the activation `act` with respect to its input `x`.
+    fn activation_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        act: HiddenAct,
+    ) -> FloatTensor<Self> {
+        activation_grad_composite::<Self>(x, grad, act)
     }
 }
 
-/// burn's ops for quick-GELU (any backend).
-fn quick_gelu_composite<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+/// burn's ops for the activation (any backend).
+fn activation_composite<B: Backend>(x: FloatTensor<B>, act: HiddenAct) -> FloatTensor<B> {
     let shape = x.shape();
     let x = flat::<B>(x);
-    B::float_reshape(
-        (x.clone() * sigmoid(x * QUICK_GELU_ALPHA as f64))
-            .into_primitive()
-            .tensor(),
-        shape,
-    )
+    let y = match act {
+        HiddenAct::QuickGelu => x.clone() * sigmoid(x * QUICK_GELU_ALPHA as f64),
+        HiddenAct::Gelu => gelu(x),
+        HiddenAct::GeluTanh => gelu_approximate(x),
+    };
+    B::float_reshape(y.into_primitive().tensor(), shape)
 }
 
 /// Any tensor as a rank-1 `Tensor` (element-wise work does not care about the shape).
@@ -139,12 +146,16 @@ impl ModelBackend for Flex {
         layer_norm_backward(&x, &gamma, &stats, &grad, want_input, want_params)
     }
 
-    fn quick_gelu_saving(x: &FlexTensor) -> Option<FlexTensor> {
-        (x.dtype() == DType::F32).then(|| quick_gelu_forward(x))
+    fn activation_saving(x: &FlexTensor, act: HiddenAct) -> Option<FlexTensor> {
+        let kernel = matches!(act, HiddenAct::QuickGelu | HiddenAct::Gelu);
+        (kernel && x.dtype() == DType::F32).then(|| activation_forward(x, act))
     }
 
-    fn quick_gelu_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        quick_gelu_backward(&x, &grad)
+    fn activation_grad(x: FlexTensor, grad: FlexTensor, act: HiddenAct) -> FlexTensor {
+        match act {
+            HiddenAct::QuickGelu | HiddenAct::Gelu => activation_backward(&x, &grad, act),
+            HiddenAct::GeluTanh => activation_grad_composite::<Self>(x, grad, act),
+        }
     }
 }
 
@@ -197,12 +208,12 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         }
     }
 
-    fn quick_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        /// State: the input only (burn's composite keeps the input and σ twice over).
+    fn activation(x: FloatTensor<Self>, act: HiddenAct) -> FloatTensor<Self> {
+        /// State: the input only (burn's composites keep the input and intermediates).
         #[derive(Debug)]
-        struct QuickGeluBackward;
+        struct ActivationBackward(HiddenAct);
 
-        impl<B: ModelBackend> Backward<B, 1> for QuickGeluBackward {
+        impl<B: ModelBackend> Backward<B, 1> for ActivationBackward {
             type State = FloatTensor<B>;
 
             fn backward(
@@ -214,15 +225,15 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
                 let [parent] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 if let Some(node) = parent {
-                    grads.register::<B>(node.id, B::quick_gelu_grad(ops.state, grad));
+                    grads.register::<B>(node.id, B::activation_grad(ops.state, grad, self.0));
                 }
             }
         }
 
-        let Some(output) = B::quick_gelu_saving(&x.primitive) else {
-            return quick_gelu_composite::<Self>(x);
+        let Some(output) = B::activation_saving(&x.primitive, act) else {
+            return activation_composite::<Self>(x, act);
         };
-        match QuickGeluBackward
+        match ActivationBackward(act)
             .prepare::<C>([x.node.clone()])
             .compute_bound()
             .stateful()
@@ -271,17 +282,35 @@ pub fn layer_norm_grad_composite<B: Backend>(
     )
 }
 
-/// Quick-GELU's input gradient in burn's ops (any backend).
-pub fn quick_gelu_grad_composite<B: Backend>(
+/// The activation's input gradient in burn's ops (any backend).
+pub fn activation_grad_composite<B: Backend>(
     x: FloatTensor<B>,
     grad: FloatTensor<B>,
+    act: HiddenAct,
 ) -> FloatTensor<B> {
     let shape = x.shape();
     let x = flat::<B>(x);
     let grad = flat::<B>(grad);
-    let s = sigmoid(x.clone() * QUICK_GELU_ALPHA as f64);
-    // d/dx [x σ(αx)] = σ + αx σ (1 − σ)
-    let derivative = s.clone() + x * QUICK_GELU_ALPHA as f64 * s.clone() * (s.neg() + 1.0);
+    let derivative = match act {
+        HiddenAct::QuickGelu => {
+            let s = sigmoid(x.clone() * QUICK_GELU_ALPHA as f64);
+            // d/dx [x σ(αx)] = σ + αx σ (1 − σ)
+            s.clone() + x * QUICK_GELU_ALPHA as f64 * s.clone() * (s.neg() + 1.0)
+        }
+        HiddenAct::Gelu => {
+            // d/dx [x Φ(x)] = Φ(x) + x φ(x)
+            let cdf = (x.clone() * std::f64::consts::FRAC_1_SQRT_2).erf() * 0.5 + 0.5;
+            let pdf = (x.clone().powi_scalar(2) * -0.5).exp() * INV_SQRT_2PI as f64;
+            cdf + x * pdf
+        }
+        HiddenAct::GeluTanh => {
+            // y = x/2 (1 + tanh u), u = √(2/π) (x + 0.044715 x³)
+            const C: f64 = 0.797_884_560_802_865_4;
+            let t = ((x.clone() + x.clone().powi_scalar(3) * 0.044715) * C).tanh();
+            let du = (x.clone().powi_scalar(2) * (3.0 * 0.044715) + 1.0) * C;
+            (t.clone() + 1.0) * 0.5 + x * 0.5 * (t.clone() * t).neg().add_scalar(1.0) * du
+        }
+    };
     B::float_reshape((grad * derivative).into_primitive().tensor(), shape)
 }
 
@@ -317,14 +346,20 @@ pub fn layer_norm<B: ModelBackend, const D: usize>(
     }
 }
 
-/// `x · σ(1.702 x)` on any tensor.
-pub fn quick_gelu<B: ModelBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(B::quick_gelu(
+/// The MLP activation `act` on any tensor.
+pub fn activation<B: ModelBackend, const D: usize>(
+    x: Tensor<B, D>,
+    act: HiddenAct,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::activation(
         x.into_primitive().tensor(),
+        act,
     )))
 }
 
 pub const QUICK_GELU_ALPHA: f32 = 1.702;
+/// 1/√(2π), the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 // ---------------------------------------------------------------------------------------------
 // Kernels (f32, contiguous rows)
@@ -423,19 +458,79 @@ fn quick_gelu_grad_rows<const FMA: bool>(input: &[f32], grad: &[f32], output: &m
 
 dispatch!(fn quick_gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = quick_gelu_grad_rows);
 
-/// Quick-GELU forward on an f32 tensor.
-pub fn quick_gelu_forward(x: &FlexTensor) -> FlexTensor {
+/// `erfc(z)` for `z ≥ 0` to within 1.2e-7 *relative* error (Numerical Recipes' `erfcc`, a
+/// Chebyshev fit; tested below): the GELU of a very negative input is `x · erfc(|x|/√2) / 2`,
+/// so the tail must be accurate relative to its own size, which `1 − erf` is not.
+#[inline(always)]
+fn erfc_approx<const FMA: bool>(z: f32) -> f32 {
+    let t = 1.0 / madd::<FMA>(0.5, z, 1.0);
+    let mut p = 0.170_872_77;
+    for c in [
+        -0.822_152_23,
+        1.488_515_9,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+        -1.265_512_2,
+    ] {
+        p = madd::<FMA>(p, t, c);
+    }
+    t * exp_approx::<FMA>(madd::<FMA>(-z, z, p))
+}
+
+/// `Φ(x)`, the standard normal CDF, from [`erfc_approx`] on `|x|/√2`.
+#[inline(always)]
+fn normal_cdf<const FMA: bool>(x: f32) -> f32 {
+    let half_tail = 0.5 * erfc_approx::<FMA>(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
+    if x >= 0.0 { 1.0 - half_tail } else { half_tail }
+}
+
+#[inline(always)]
+fn gelu_rows<const FMA: bool>(input: &[f32], output: &mut [f32]) {
+    for (y, &x) in output.iter_mut().zip(input) {
+        *y = x * normal_cdf::<FMA>(x);
+    }
+}
+
+dispatch!(fn gelu_chunk(input: &[f32], output: &mut [f32]) = gelu_rows);
+
+#[inline(always)]
+fn gelu_grad_rows<const FMA: bool>(input: &[f32], grad: &[f32], output: &mut [f32]) {
+    for ((dx, &x), &g) in output.iter_mut().zip(input).zip(grad) {
+        // d/dx [x Φ(x)] = Φ(x) + x φ(x)
+        let pdf = INV_SQRT_2PI * exp_approx::<FMA>(-0.5 * x * x);
+        *dx = g * madd::<FMA>(x, pdf, normal_cdf::<FMA>(x));
+    }
+}
+
+dispatch!(fn gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = gelu_grad_rows);
+
+/// Quick-GELU or erf-GELU forward on an f32 tensor.
+pub fn activation_forward(x: &FlexTensor, act: HiddenAct) -> FlexTensor {
+    let chunk = match act {
+        HiddenAct::QuickGelu => quick_gelu_chunk,
+        HiddenAct::Gelu => gelu_chunk,
+        HiddenAct::GeluTanh => unreachable!("no kernel for the tanh GELU"),
+    };
     let input = values(x);
     let mut output = vec![0.0f32; input.len()];
     output
         .par_chunks_mut(TASK_ELEMENTS)
         .zip(input.par_chunks(TASK_ELEMENTS))
-        .for_each(|(out, inp)| quick_gelu_chunk(inp, out));
+        .for_each(|(out, inp)| chunk(inp, out));
     tensor(output, x.layout().shape().clone())
 }
 
-/// Gradient of quick-GELU with respect to its input.
-pub fn quick_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+/// Gradient of quick-GELU or erf-GELU with respect to its input.
+pub fn activation_backward(x: &FlexTensor, grad: &FlexTensor, act: HiddenAct) -> FlexTensor {
+    let chunk = match act {
+        HiddenAct::QuickGelu => quick_gelu_grad_chunk,
+        HiddenAct::Gelu => gelu_grad_chunk,
+        HiddenAct::GeluTanh => unreachable!("no kernel for the tanh GELU"),
+    };
     let input = values(x);
     let grad_values = values(grad);
     let mut output = vec![0.0f32; input.len()];
@@ -443,7 +538,7 @@ pub fn quick_gelu_backward(x: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
         .par_chunks_mut(TASK_ELEMENTS)
         .zip(input.par_chunks(TASK_ELEMENTS))
         .zip(grad_values.par_chunks(TASK_ELEMENTS))
-        .for_each(|((out, inp), g)| quick_gelu_grad_chunk(inp, g, out));
+        .for_each(|((out, inp), g)| chunk(inp, g, out));
     tensor(output, x.layout().shape().clone())
 }
 
@@ -754,38 +849,105 @@ mod tests {
     }
 
     #[test]
-    fn quick_gelu_matches_burn_forward_and_backward() {
+    fn erfc_approx_is_relatively_accurate_into_the_tail() {
+        // Against an f64 reference (series / continued fraction) on a fine grid of z, up to
+        // where erfc underflows f32's normal range.
+        // [bulk (z < 2, erfc > 4.7e-3), tail] × [baseline, FMA]
+        let mut worst = [[0.0f64; 2]; 2];
+        let mut z = 0.0f32;
+        while z < 9.0 {
+            let exact = erfc_f64(z as f64);
+            for (path, value) in [erfc_approx::<false>(z), erfc_approx::<true>(z)]
+                .iter()
+                .enumerate()
+            {
+                let error = ((*value as f64 - exact) / exact).abs();
+                let part = &mut worst[usize::from(z >= 2.0)][path];
+                *part = part.max(error);
+            }
+            z += 0.0031;
+        }
+        // The fit's 1.2e-7, exp's 3e-7, and in the tail the f32 rounding of the exponent
+        // −z² + p (half an ulp of 82 is 3.8e-6 relative at z = 9), as in any f32 erfc.
+        assert!(
+            worst[0].iter().all(|&e| e < 1e-6) && worst[1].iter().all(|&e| e < 1e-5),
+            "relative errors {worst:?}"
+        );
+    }
+
+    /// erfc in f64 to ~1e-15: Taylor series of erf below 3, Lentz's continued fraction above.
+    fn erfc_f64(z: f64) -> f64 {
+        if z < 3.0 {
+            let (mut term, mut sum, mut n) = (z, z, 0.0);
+            while term.abs() > 1e-17 * sum.abs() {
+                n += 1.0;
+                term *= -z * z / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            1.0 - sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            // erfc z = e^{-z²}/√π · 1/(z + 1/2/(z + 1/(z + 3/2/(z + …))))
+            let mut f = z;
+            for k in (1..200).rev() {
+                f = z + (k as f64 / 2.0) / f;
+            }
+            (-z * z).exp() / std::f64::consts::PI.sqrt() / f
+        }
+    }
+
+    #[test]
+    fn activations_match_burn_forward_and_backward() {
         let device = Default::default();
-        // Beyond ±88/1.702 too, where σ saturates.
+        // Beyond ±88/1.702 too, where σ saturates, and erf-GELU's far negative tail.
         let x = Tensor::<Flex, 2>::random([37, 1001], Distribution::Normal(0.0, 30.0), &device);
         let weights =
             Tensor::<Flex, 2>::random([37, 1001], Distribution::Normal(0.0, 1.0), &device);
-        let mut results = Vec::new();
-        for fused in [false, true] {
-            let x = Tensor::<AB, 2>::from_inner(x.clone()).require_grad();
-            let y = if fused {
-                quick_gelu(x.clone())
-            } else {
-                x.clone() * sigmoid(x.clone() * QUICK_GELU_ALPHA as f64)
-            };
-            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
-                .sum()
-                .backward();
-            results.push((y.inner(), x.grad(&grads).unwrap()));
+        for act in [HiddenAct::QuickGelu, HiddenAct::Gelu] {
+            let mut results = Vec::new();
+            for fused in [false, true] {
+                let x = Tensor::<AB, 2>::from_inner(x.clone()).require_grad();
+                let y = if fused {
+                    activation(x.clone(), act)
+                } else if act == HiddenAct::Gelu {
+                    gelu(x.clone())
+                } else {
+                    x.clone() * sigmoid(x.clone() * QUICK_GELU_ALPHA as f64)
+                };
+                let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                    .sum()
+                    .backward();
+                results.push((y.inner(), x.grad(&grads).unwrap()));
+            }
+            let tolerance = Tolerance::<f32>::relative(1e-5).set_absolute(1e-5);
+            results[1]
+                .0
+                .to_data()
+                .assert_approx_eq::<f32>(&results[0].0.to_data(), tolerance);
+            results[1]
+                .1
+                .to_data()
+                .assert_approx_eq::<f32>(&results[0].1.to_data(), tolerance);
+            // And the inference backend runs the same kernel.
+            activation(x.clone(), act)
+                .to_data()
+                .assert_approx_eq::<f32>(&results[1].0.to_data(), Tolerance::absolute(0.0));
         }
-        let tolerance = Tolerance::<f32>::relative(1e-5).set_absolute(1e-5);
-        results[1]
-            .0
-            .to_data()
-            .assert_approx_eq::<f32>(&results[0].0.to_data(), tolerance);
-        results[1]
-            .1
-            .to_data()
-            .assert_approx_eq::<f32>(&results[0].1.to_data(), tolerance);
-        // And the inference backend runs the same kernel.
-        quick_gelu(x.clone())
-            .to_data()
-            .assert_approx_eq::<f32>(&results[1].0.to_data(), Tolerance::absolute(0.0));
+    }
+
+    #[test]
+    fn gelu_kernel_is_exact_in_the_negative_tail() {
+        // x = −8: Φ(−8) ≈ 6.2e-16, so the GELU is ≈ −5.0e-15; `1 − erf` in f32 would give 0
+        // or a wrong sign, an absolute-tolerance test would not notice.
+        let device = Default::default();
+        let x = Tensor::<Flex, 1>::from_floats([-8.0, -5.0, -2.0], &device);
+        let y: Vec<f32> = activation(x, HiddenAct::Gelu).to_data().to_vec().unwrap();
+        for (x, y) in [-8.0f64, -5.0, -2.0].iter().zip(y) {
+            let exact = x * 0.5 * erfc_f64(-x / std::f64::consts::SQRT_2);
+            assert!(
+                ((y as f64 - exact) / exact).abs() < 1e-5,
+                "gelu({x}) = {y}, exact {exact}"
+            );
+        }
     }
 
     /// The backward that a backend without kernels would run (burn's ops) agrees with the
@@ -815,8 +977,20 @@ mod tests {
             let (k, c) = (k.unwrap().into_data(), c.unwrap().into_data());
             k.assert_approx_eq::<f32>(&c, Tolerance::absolute(1e-4));
         }
-        let kernel = Flex::quick_gelu_grad(p(&x), p(&grad)).into_data();
-        let composite = quick_gelu_grad_composite::<Flex>(p(&x), p(&grad)).into_data();
-        kernel.assert_approx_eq::<f32>(&composite, Tolerance::relative(1e-5).set_absolute(1e-5));
+        for act in [HiddenAct::QuickGelu, HiddenAct::Gelu] {
+            let kernel = Flex::activation_grad(p(&x), p(&grad), act).into_data();
+            let composite = activation_grad_composite::<Flex>(p(&x), p(&grad), act).into_data();
+            let tolerance = Tolerance::relative(1e-5).set_absolute(1e-5);
+            kernel.assert_approx_eq::<f32>(&composite, tolerance);
+        }
+        // The tanh GELU has no kernel: its composite gradient against autodiff's.
+        let leaf = Tensor::<AB, 2>::from_inner(x.clone()).require_grad();
+        let grads = (gelu_approximate(leaf.clone()) * Tensor::from_inner(grad.clone()))
+            .sum()
+            .backward();
+        let autodiff = leaf.grad(&grads).unwrap().into_data();
+        let composite =
+            activation_grad_composite::<Flex>(p(&x), p(&grad), HiddenAct::GeluTanh).into_data();
+        composite.assert_approx_eq::<f32>(&autodiff, Tolerance::relative(1e-4).set_absolute(1e-5));
     }
 }

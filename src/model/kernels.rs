@@ -393,23 +393,24 @@ fn has_avx2_fma() -> bool {
 
 /// Defines `$name(args)` that runs `$body` compiled for AVX2+FMA when the CPU has them and
 /// for the baseline target otherwise: the loops are written so that LLVM vectorises them
-/// (no intrinsics), and `FMA` selects fused multiply-adds only where they are native.
+/// (no intrinsics), and `FMA` selects fused multiply-adds only where they are native. Type
+/// arguments after `$body` follow its `FMA` parameter.
 macro_rules! dispatch {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident) => {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident $(<$($generic:ty),+>)?) => {
         $(#[$meta])*
         fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
                 fn fast($($arg: $ty),*) $(-> $ret)? {
-                    $body::<true>($($arg),*)
+                    $body::<true $($(, $generic)+)?>($($arg),*)
                 }
                 if has_avx2_fma() {
                     // SAFETY: the CPU was checked to support AVX2 and FMA.
                     return unsafe { fast($($arg),*) };
                 }
             }
-            $body::<false>($($arg),*)
+            $body::<false $($(, $generic)+)?>($($arg),*)
         }
     };
 }
@@ -438,25 +439,68 @@ fn exp_approx<const FMA: bool>(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-#[inline(always)]
-fn quick_gelu_rows<const FMA: bool>(input: &[f32], output: &mut [f32]) {
-    for (y, &x) in output.iter_mut().zip(input) {
-        *y = x / (1.0 + exp_approx::<FMA>(-QUICK_GELU_ALPHA * x));
-    }
+/// An element-wise activation with a kernel: its value and derivative at one input.
+trait Pointwise {
+    fn value<const FMA: bool>(x: f32) -> f32;
+    fn derivative<const FMA: bool>(x: f32) -> f32;
 }
 
-dispatch!(fn quick_gelu_chunk(input: &[f32], output: &mut [f32]) = quick_gelu_rows);
+/// `x · σ(1.702 x)`.
+struct QuickGeluFn;
 
-#[inline(always)]
-fn quick_gelu_grad_rows<const FMA: bool>(input: &[f32], grad: &[f32], output: &mut [f32]) {
-    for ((dx, &x), &g) in output.iter_mut().zip(input).zip(grad) {
+impl Pointwise for QuickGeluFn {
+    #[inline(always)]
+    fn value<const FMA: bool>(x: f32) -> f32 {
+        x / (1.0 + exp_approx::<FMA>(-QUICK_GELU_ALPHA * x))
+    }
+
+    #[inline(always)]
+    fn derivative<const FMA: bool>(x: f32) -> f32 {
         let s = 1.0 / (1.0 + exp_approx::<FMA>(-QUICK_GELU_ALPHA * x));
         // d/dx [x σ(αx)] = σ + αx σ (1 − σ)
-        *dx = g * madd::<FMA>(QUICK_GELU_ALPHA * x * s, 1.0 - s, s);
+        madd::<FMA>(QUICK_GELU_ALPHA * x * s, 1.0 - s, s)
     }
 }
 
-dispatch!(fn quick_gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = quick_gelu_grad_rows);
+/// `x · Φ(x)`, the exact GELU.
+struct GeluFn;
+
+impl Pointwise for GeluFn {
+    #[inline(always)]
+    fn value<const FMA: bool>(x: f32) -> f32 {
+        x * normal_cdf::<FMA>(x)
+    }
+
+    #[inline(always)]
+    fn derivative<const FMA: bool>(x: f32) -> f32 {
+        // d/dx [x Φ(x)] = Φ(x) + x φ(x)
+        let pdf = INV_SQRT_2PI * exp_approx::<FMA>(-0.5 * x * x);
+        madd::<FMA>(x, pdf, normal_cdf::<FMA>(x))
+    }
+}
+
+#[inline(always)]
+fn pointwise_rows<const FMA: bool, F: Pointwise>(input: &[f32], output: &mut [f32]) {
+    for (y, &x) in output.iter_mut().zip(input) {
+        *y = F::value::<FMA>(x);
+    }
+}
+
+#[inline(always)]
+fn pointwise_grad_rows<const FMA: bool, F: Pointwise>(
+    input: &[f32],
+    grad: &[f32],
+    output: &mut [f32],
+) {
+    for ((dx, &x), &g) in output.iter_mut().zip(input).zip(grad) {
+        *dx = g * F::derivative::<FMA>(x);
+    }
+}
+
+dispatch!(fn quick_gelu_chunk(input: &[f32], output: &mut [f32]) = pointwise_rows<QuickGeluFn>);
+dispatch!(fn quick_gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = pointwise_grad_rows<QuickGeluFn>);
+dispatch!(fn gelu_chunk(input: &[f32], output: &mut [f32]) = pointwise_rows<GeluFn>);
+dispatch!(fn gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = pointwise_grad_rows<GeluFn>);
 
 /// `erfc(z)` for `z ≥ 0` to within 1.2e-7 *relative* error (Numerical Recipes' `erfcc`, a
 /// Chebyshev fit; tested below): the GELU of a very negative input is `x · erfc(|x|/√2) / 2`,
@@ -487,26 +531,6 @@ fn normal_cdf<const FMA: bool>(x: f32) -> f32 {
     let half_tail = 0.5 * erfc_approx::<FMA>(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
     if x >= 0.0 { 1.0 - half_tail } else { half_tail }
 }
-
-#[inline(always)]
-fn gelu_rows<const FMA: bool>(input: &[f32], output: &mut [f32]) {
-    for (y, &x) in output.iter_mut().zip(input) {
-        *y = x * normal_cdf::<FMA>(x);
-    }
-}
-
-dispatch!(fn gelu_chunk(input: &[f32], output: &mut [f32]) = gelu_rows);
-
-#[inline(always)]
-fn gelu_grad_rows<const FMA: bool>(input: &[f32], grad: &[f32], output: &mut [f32]) {
-    for ((dx, &x), &g) in output.iter_mut().zip(input).zip(grad) {
-        // d/dx [x Φ(x)] = Φ(x) + x φ(x)
-        let pdf = INV_SQRT_2PI * exp_approx::<FMA>(-0.5 * x * x);
-        *dx = g * madd::<FMA>(x, pdf, normal_cdf::<FMA>(x));
-    }
-}
-
-dispatch!(fn gelu_grad_chunk(input: &[f32], grad: &[f32], output: &mut [f32]) = gelu_grad_rows);
 
 /// Quick-GELU or erf-GELU forward on an f32 tensor.
 pub fn activation_forward(x: &FlexTensor, act: HiddenAct) -> FlexTensor {

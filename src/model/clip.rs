@@ -7,13 +7,11 @@
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Int, TensorData};
 
 use super::adapter::{Modality, MrsAdapter, TokenPositions, dropout_rows_from};
 use super::config::{AdapterConfig, ClipConfig, HiddenAct};
-use super::kernels::{ModelBackend, activation, layer_norm as norm};
+use super::kernels::{KeyRange, ModelBackend, activation, attention, layer_norm as norm};
 
 /// Applies a `Linear` to `[batch, tokens, d_in]` as one `[batch·tokens, d_in]` matmul.
 ///
@@ -91,21 +89,20 @@ impl<B: Backend> ClipAttention<B> {
             num_heads,
         }
     }
+}
 
+impl<B: ModelBackend> ClipAttention<B> {
     /// - `x`: `[batch, tokens, d_model]`; returns `[batch, tokens, d_model]`.
     fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
-        let [batch, tokens, d_model] = x.dims();
-        let q = self.split(linear_tokens(&self.q_proj, x.clone()));
-        let k = self.split(linear_tokens(&self.k_proj, x.clone()));
-        let v = self.split(linear_tokens(&self.v_proj, x));
-        let options = AttentionModuleOptions {
-            is_causal: causal,
-            ..Default::default()
+        let q = linear_tokens(&self.q_proj, x.clone());
+        let k = linear_tokens(&self.k_proj, x.clone());
+        let v = linear_tokens(&self.v_proj, x);
+        let range = if causal {
+            KeyRange::Causal
+        } else {
+            KeyRange::All
         };
-        let context = attention(q, k, v, None, None, options) // [batch, heads, tokens, head_dim]
-            .swap_dims(1, 2)
-            .reshape([batch, tokens, d_model]);
-        linear_tokens(&self.out_proj, context)
+        linear_tokens(&self.out_proj, attention(q, k, v, self.num_heads, &range))
     }
 
     /// The attention output at one query token per row (`pooled[row]`), attending to every
@@ -114,31 +111,16 @@ impl<B: Backend> ClipAttention<B> {
     ///
     /// - `x`: `[batch, tokens, d_model]`; returns `[batch, 1, d_model]`.
     fn forward_at(&self, x: Tensor<B, 3>, pooled: &[usize], causal: bool) -> Tensor<B, 3> {
-        let [batch, tokens, d_model] = x.dims();
-        let device = x.device();
         let queries = select_tokens(x.clone(), pooled); // [batch, 1, d]
-        let q = self.split(linear_tokens(&self.q_proj, queries)); // [batch, heads, 1, head_dim]
-        let k = self.split(linear_tokens(&self.k_proj, x.clone()));
-        let v = self.split(linear_tokens(&self.v_proj, x));
-        let mask = causal.then(|| {
-            // true = masked: the tokens after each row's query.
-            let masked: Vec<bool> = (0..batch * tokens)
-                .map(|i| i % tokens > pooled[i / tokens])
-                .collect();
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [batch, 1, 1, tokens]), &device)
-                .expand([batch, self.num_heads, 1, tokens])
-        });
-        let context = attention(q, k, v, mask, None, AttentionModuleOptions::default())
-            .swap_dims(1, 2)
-            .reshape([batch, 1, d_model]);
-        linear_tokens(&self.out_proj, context)
-    }
-
-    /// `[batch, tokens, d_model]` → `[batch, heads, tokens, head_dim]`.
-    fn split(&self, t: Tensor<B, 3>) -> Tensor<B, 4> {
-        let [batch, tokens, d_model] = t.dims();
-        t.reshape([batch, tokens, self.num_heads, d_model / self.num_heads])
-            .swap_dims(1, 2)
+        let q = linear_tokens(&self.q_proj, queries);
+        let k = linear_tokens(&self.k_proj, x.clone());
+        let v = linear_tokens(&self.v_proj, x);
+        let range = if causal {
+            KeyRange::UpTo(pooled.to_vec())
+        } else {
+            KeyRange::All
+        };
+        linear_tokens(&self.out_proj, attention(q, k, v, self.num_heads, &range))
     }
 }
 

@@ -26,6 +26,8 @@ use rayon::prelude::*;
 
 use super::config::HiddenAct;
 
+pub use attention::{KeyRange, attention};
+
 /// LayerNorm gradients: input, γ, β (each only when asked for).
 pub type LayerNormGrads<B> = (
     Option<FloatTensor<B>>,
@@ -83,6 +85,45 @@ pub trait ModelBackend: Backend {
         want_params: bool,
     ) -> LayerNormGrads<Self> {
         layer_norm_grad_composite::<Self>(x, gamma, stats, grad, want_input, want_params)
+    }
+
+    /// Multi-head attention of `q` `[batch, queries, width]` over `k`, `v` `[batch, keys, width]`
+    /// (see [`attention::attention`]): the backend's kernel, else burn's ops.
+    fn attention_fused(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        range: &KeyRange,
+    ) -> FloatTensor<Self> {
+        match Self::attention_saving(&q, &k, &v, heads, range) {
+            Some((output, _)) => output,
+            None => attention::attention_composite::<Self>(q, k, v, heads, range),
+        }
+    }
+
+    /// Attention forward that also returns the probabilities its backward needs
+    /// (`[batch · heads · queries · keys]`); `None` where the backend has no kernel.
+    fn attention_saving(
+        _q: &FloatTensor<Self>,
+        _k: &FloatTensor<Self>,
+        _v: &FloatTensor<Self>,
+        _heads: usize,
+        _range: &KeyRange,
+    ) -> Option<(FloatTensor<Self>, FloatTensor<Self>)> {
+        None
+    }
+
+    /// Gradients of the queries, keys and values (those in `want`) from
+    /// [`Self::attention_saving`]'s probabilities (burn's ops unless the backend has a kernel).
+    fn attention_grad(
+        qkv: [FloatTensor<Self>; 3],
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        heads: usize,
+        want: [bool; 3],
+    ) -> [Option<FloatTensor<Self>>; 3] {
+        attention::attention_grad_composite::<Self>(qkv, probs, grad, heads, want)
     }
 
     /// Activation forward for an autodiff wrapper (it keeps only the input); `None` where the
@@ -151,6 +192,27 @@ impl ModelBackend for Flex {
         (kernel && x.dtype() == DType::F32).then(|| activation_forward(x, act))
     }
 
+    fn attention_saving(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        v: &FlexTensor,
+        heads: usize,
+        range: &KeyRange,
+    ) -> Option<(FlexTensor, FlexTensor)> {
+        let f32s = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+        f32s.then(|| attention::attention_forward(q, k, v, heads, range))
+    }
+
+    fn attention_grad(
+        [q, k, v]: [FlexTensor; 3],
+        probs: FlexTensor,
+        grad: FlexTensor,
+        heads: usize,
+        want: [bool; 3],
+    ) -> [Option<FlexTensor>; 3] {
+        attention::attention_backward([&q, &k, &v], &probs, &grad, heads, want)
+    }
+
     fn activation_grad(x: FlexTensor, grad: FlexTensor, act: HiddenAct) -> FlexTensor {
         match act {
             HiddenAct::QuickGelu | HiddenAct::Gelu => activation_backward(&x, &grad, act),
@@ -206,6 +268,16 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
             OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, stats), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
+    }
+
+    fn attention_fused(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+        range: &KeyRange,
+    ) -> FloatTensor<Self> {
+        attention::attention_autodiff::<B, C>(q, k, v, heads, range)
     }
 
     fn activation(x: FloatTensor<Self>, act: HiddenAct) -> FloatTensor<Self> {
@@ -414,6 +486,8 @@ macro_rules! dispatch {
         }
     };
 }
+
+mod attention;
 
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {

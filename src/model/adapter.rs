@@ -5,7 +5,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use super::clip::{linear_tokens, mix_seed};
+use super::clip::mix_seed;
 use super::config::{AdapterConfig, ClipConfig};
 
 /// Which tower the adapter is serving (selects the modality-specific projections).
@@ -171,7 +171,10 @@ impl<B: Backend> MrsAdapter<B> {
             Modality::Vision => (&self.visual_down, &self.visual_up),
             Modality::Text => (&self.text_down, &self.text_up),
         };
-        let hidden = relu(linear_tokens(down, x)); // [batch, tokens, bottleneck]
+        // One tall product, as `linear_tokens` does; the adapter is trained, so burn's op.
+        let [batch, tokens, d_model] = x.dims();
+        let hidden = down.forward(x.reshape([batch * tokens, d_model]));
+        let hidden = relu(hidden.reshape([batch, tokens, down.weight.dims()[1]]));
         let hidden = match (dropout_seed, at) {
             (Some(seed), None) => dropout(hidden, self.dropout, seed),
             (Some(seed), Some(at)) => dropout_at(hidden, self.dropout, seed, at),

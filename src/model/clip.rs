@@ -11,15 +11,15 @@ use burn::tensor::{Int, TensorData};
 
 use super::adapter::{Modality, MrsAdapter, TokenPositions, dropout_rows_from};
 use super::config::{AdapterConfig, ClipConfig, HiddenAct};
-use super::kernels::{KeyRange, ModelBackend, activation, attention, layer_norm as norm};
+use super::kernels::{KeyRange, ModelBackend, activation, attention, layer_norm as norm, linear};
 
 /// Applies a `Linear` to `[batch, tokens, d_in]` as one `[batch·tokens, d_in]` matmul.
 ///
 /// burn's `Linear` on a 3-D input runs one small matmul per batch row (re-packing the weight
 /// each time); a single tall matmul is several times faster on the CPU.
-pub fn linear_tokens<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+pub fn linear_tokens<B: ModelBackend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, tokens, d_input] = x.dims();
-    let out = layer.forward(x.reshape([batch * tokens, d_input])); // [batch·tokens, d_out]
+    let out = linear(layer, x.reshape([batch * tokens, d_input])); // [batch·tokens, d_out]
     let d_output = out.dims()[1];
     out.reshape([batch, tokens, d_output])
 }

@@ -126,6 +126,33 @@ pub trait ModelBackend: Backend {
         attention::attention_grad_composite::<Self>(qkv, probs, grad, heads, want)
     }
 
+    /// `x W + b` over the last dimension (`W`: `[d_in, d_out]`): the backend's kernel, else
+    /// burn's op.
+    fn linear_fused(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        match Self::linear_kernel(&x, &w, b.as_ref()) {
+            Some(output) => output,
+            None => Self::linear(x, w, b),
+        }
+    }
+
+    /// The linear forward kernel; `None` where the backend has none.
+    fn linear_kernel(
+        _x: &FloatTensor<Self>,
+        _w: &FloatTensor<Self>,
+        _b: Option<&FloatTensor<Self>>,
+    ) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    /// The input gradient `dY Wᵀ` of a linear layer (burn's op unless the backend has a kernel).
+    fn linear_input_grad(w: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        linear::linear_input_grad_composite::<Self>(w, grad)
+    }
+
     /// Activation forward for an autodiff wrapper (it keeps only the input); `None` where the
     /// backend has no kernel for `act`.
     fn activation_saving(_x: &FloatTensor<Self>, _act: HiddenAct) -> Option<FloatTensor<Self>> {
@@ -213,6 +240,15 @@ impl ModelBackend for Flex {
         attention::attention_backward([&q, &k, &v], &probs, &grad, heads, want)
     }
 
+    fn linear_kernel(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> Option<FlexTensor> {
+        let f32s = linear::is_f32(x) && linear::is_f32(w) && b.is_none_or(linear::is_f32);
+        f32s.then(|| linear::linear_forward(x, w, b))
+    }
+
+    fn linear_input_grad(w: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        linear::linear_input_backward(&w, &grad)
+    }
+
     fn activation_grad(x: FlexTensor, grad: FlexTensor, act: HiddenAct) -> FlexTensor {
         match act {
             HiddenAct::QuickGelu | HiddenAct::Gelu => activation_backward(&x, &grad, act),
@@ -278,6 +314,14 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
         range: &KeyRange,
     ) -> FloatTensor<Self> {
         attention::attention_autodiff::<B, C>(q, k, v, heads, range)
+    }
+
+    fn linear_fused(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        b: Option<FloatTensor<Self>>,
+    ) -> FloatTensor<Self> {
+        linear::linear_autodiff::<B, C>(x, w, b)
     }
 
     fn activation(x: FloatTensor<Self>, act: HiddenAct) -> FloatTensor<Self> {
@@ -418,6 +462,21 @@ pub fn layer_norm<B: ModelBackend, const D: usize>(
     }
 }
 
+/// A `Linear` layer through [`ModelBackend::linear_fused`].
+pub fn linear<B: ModelBackend, const D: usize>(
+    layer: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::linear_fused(
+        x.into_primitive().tensor(),
+        layer.weight.val().into_primitive().tensor(),
+        layer
+            .bias
+            .as_ref()
+            .map(|b| b.val().into_primitive().tensor()),
+    )))
+}
+
 /// The MLP activation `act` on any tensor.
 pub fn activation<B: ModelBackend, const D: usize>(
     x: Tensor<B, D>,
@@ -488,6 +547,7 @@ macro_rules! dispatch {
 }
 
 mod attention;
+mod linear;
 
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {

@@ -1,0 +1,328 @@
+//! The frozen backbone's linear layers as one operation with its own backward.
+//!
+//! burn-flex allocates every product's output with `FlexTensor::empty`, which zeroes a byte
+//! vector and then copies it into a 16-byte-aligned buffer, on the calling thread while the
+//! pool waits; the bias is then a separate pass (docs/PERFORMANCE.md, issue #15). Here the
+//! output is an uninitialised `Vec<f32>` (kept as it is by burn's `Bytes`), the bias is
+//! written into its rows first so that gemm adds the product to it, and the backward of a
+//! frozen layer computes `dX = dY Wᵀ` the same way. A layer whose weight or bias is trained
+//! keeps burn's op.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::prelude::*;
+use burn::tensor::ops::{FloatTensor, ModuleOps};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{ModelBackend, TASK_ELEMENTS, tensor, values};
+
+/// Products below this many multiply-adds run on the calling thread (burn-flex's threshold).
+const PARALLEL_WORK: usize = 192 * 192 * 192;
+
+/// `out[rows × n] = (out if accumulate) + lhs[rows × k] · rhs`, where `rhs` is `[k, n]` at
+/// strides (`rhs_row`, `rhs_col`); `out` has `rows · n` of capacity and is initialised by the
+/// call (it must already be when `accumulate`).
+fn product_into(
+    out: &mut Vec<f32>,
+    accumulate: bool,
+    lhs: &[f32],
+    [rows, k, n]: [usize; 3],
+    rhs: &[f32],
+    [rhs_row, rhs_col]: [isize; 2],
+) {
+    let len = rows * n;
+    assert!(out.capacity() >= len && lhs.len() >= rows * k && rhs.len() >= k * n);
+    assert!(!accumulate || out.len() == len);
+    if k == 0 {
+        // An empty sum: the bias, or zeros.
+        if !accumulate {
+            out.clear();
+            out.resize(len, 0.0);
+        }
+        return;
+    }
+    if len == 0 {
+        return;
+    }
+    let parallelism = if rows * n * k >= PARALLEL_WORK {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above bound every matrix inside its buffer; gemm writes each of
+    // the `len` outputs exactly once (reading them first only when `accumulate`, where they
+    // are initialised), so the length is set after the call over initialised values.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_col,
+            rhs_row,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+        out.set_len(len);
+    }
+}
+
+/// `x W + b` over the last dimension of `x` (`W`: `[d_in, d_out]`), for f32 tensors.
+pub fn linear_forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> FlexTensor {
+    let [d_in, d_out] = weight_dims(w);
+    let (x_values, w_values) = (values(x), values(w));
+    let rows = x_values.len().checked_div(d_in).unwrap_or(0);
+    let mut out = Vec::with_capacity(rows * d_out);
+    if let Some(b) = b {
+        let b = values(b);
+        assert_eq!(b.len(), d_out, "bias of {} for {d_out} outputs", b.len());
+        let per_task = (TASK_ELEMENTS / d_out.max(1)).max(1) * d_out;
+        out.spare_capacity_mut()[..rows * d_out]
+            .par_chunks_mut(per_task.max(1))
+            .for_each(|chunk| {
+                for row in chunk.chunks_mut(d_out) {
+                    for (o, &v) in row.iter_mut().zip(b.iter()) {
+                        o.write(v);
+                    }
+                }
+            });
+        // SAFETY: every one of the rows · d_out values was written just above.
+        unsafe { out.set_len(rows * d_out) };
+    }
+    let accumulate = b.is_some();
+    let w_strides = [d_out as isize, 1];
+    product_into(
+        &mut out,
+        accumulate,
+        &x_values,
+        [rows, d_in, d_out],
+        &w_values,
+        w_strides,
+    );
+    let mut shape = x.layout().shape().clone();
+    let last = shape.num_dims() - 1;
+    shape[last] = d_out;
+    tensor(out, shape)
+}
+
+/// `dX = dY Wᵀ`: the input gradient of [`linear_forward`], shaped like `dY` with `d_in` last.
+pub fn linear_input_backward(w: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
+    let [d_in, d_out] = weight_dims(w);
+    let (w_values, grad_values) = (values(w), values(grad));
+    let rows = grad_values.len().checked_div(d_out).unwrap_or(0);
+    let mut out = Vec::with_capacity(rows * d_in);
+    // Wᵀ as a [d_out, d_in] matrix: row j is column j of W.
+    let wt_strides = [1, d_out as isize];
+    product_into(
+        &mut out,
+        false,
+        &grad_values,
+        [rows, d_out, d_in],
+        &w_values,
+        wt_strides,
+    );
+    let mut shape = grad.layout().shape().clone();
+    let last = shape.num_dims() - 1;
+    shape[last] = d_in;
+    tensor(out, shape)
+}
+
+fn weight_dims(w: &FlexTensor) -> [usize; 2] {
+    let shape = w.layout().shape();
+    assert_eq!(shape.num_dims(), 2, "a linear weight is 2-D");
+    [shape[0], shape[1]]
+}
+
+/// `dY Wᵀ` in burn's ops (any backend).
+pub fn linear_input_grad_composite<B: Backend>(
+    w: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    B::linear_x_backward(w, grad)
+}
+
+/// A linear layer under `Autodiff`: the inner backend's kernel with a backward node for the
+/// input when the weight and bias are frozen; burn's op otherwise.
+pub fn linear_autodiff<B: ModelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    w: FloatTensor<Autodiff<B, C>>,
+    b: Option<FloatTensor<Autodiff<B, C>>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    /// State: the weight.
+    #[derive(Debug)]
+    struct LinearBackward;
+
+    impl<B: ModelBackend> Backward<B, 1> for LinearBackward {
+        type State = FloatTensor<B>;
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 1>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let [parent] = ops.parents;
+            let grad = grads.consume::<B>(&ops.node);
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, B::linear_input_grad(ops.state, grad));
+            }
+        }
+    }
+
+    let frozen =
+        w.node.requirement.is_none() && b.as_ref().is_none_or(|b| b.node.requirement.is_none());
+    let kernel = frozen
+        .then(|| B::linear_kernel(&x.primitive, &w.primitive, b.as_ref().map(|b| &b.primitive)))
+        .flatten();
+    let Some(output) = kernel else {
+        return <Autodiff<B, C> as ModuleOps<Autodiff<B, C>>>::linear(x, w, b);
+    };
+    match LinearBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(w.primitive, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
+/// Whether a tensor can go through the f32 kernels.
+pub fn is_f32(t: &FlexTensor) -> bool {
+    burn::tensor::TensorMetadata::dtype(t) == burn::tensor::DType::F32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Distribution, TensorPrimitive, Tolerance};
+
+    type AB = Autodiff<Flex>;
+
+    fn fused(layer: &Linear<AB>, x: Tensor<AB, 3>) -> Tensor<AB, 3> {
+        crate::model::kernels::linear(layer, x)
+    }
+
+    /// Frozen layers (the backbone's) go through the kernel and match burn's linear forward
+    /// and input gradient, with and without a bias, at a size gemm splits over threads and
+    /// one it does not.
+    #[test]
+    fn kernel_matches_burn_linear_for_a_frozen_layer() {
+        let device = Default::default();
+        for (bias, [batch, tokens, d_in, d_out]) in [
+            (true, [2, 50, 96, 200]),
+            (false, [2, 50, 96, 200]),
+            (true, [1, 3, 5, 7]),
+        ] {
+            let layer: Linear<AB> = LinearConfig::new(d_in, d_out)
+                .with_bias(bias)
+                .init(&device)
+                .no_grad();
+            let x =
+                Tensor::<Flex, 3>::random([batch, tokens, d_in], Distribution::Default, &device);
+            let weights =
+                Tensor::<Flex, 3>::random([batch, tokens, d_out], Distribution::Default, &device);
+            let mut results = Vec::new();
+            for kernel in [false, true] {
+                let x = Tensor::<AB, 3>::from_inner(x.clone()).require_grad();
+                let y = if kernel {
+                    fused(&layer, x.clone())
+                } else {
+                    layer.forward(x.clone())
+                };
+                let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                    .sum()
+                    .backward();
+                results.push((y.inner(), x.grad(&grads).unwrap()));
+            }
+            let tolerance = Tolerance::<f32>::absolute(1e-5);
+            results[1]
+                .0
+                .to_data()
+                .assert_approx_eq::<f32>(&results[0].0.to_data(), tolerance);
+            results[1]
+                .1
+                .to_data()
+                .assert_approx_eq::<f32>(&results[0].1.to_data(), tolerance);
+        }
+    }
+
+    /// The kernels themselves against burn-flex's ops (what the autodiff test cannot tell
+    /// apart from a fallback to burn's op).
+    #[test]
+    fn kernels_match_burn_flex_linear_and_its_input_gradient() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::random([3, 17, 40], Distribution::Default, &device);
+        let w = Tensor::<Flex, 2>::random([40, 24], Distribution::Default, &device);
+        let b = Tensor::<Flex, 1>::random([24], Distribution::Default, &device);
+        let grad = Tensor::<Flex, 3>::random([3, 17, 24], Distribution::Default, &device);
+        let [x, w, b, grad] = [
+            x.into_primitive().tensor(),
+            w.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+            grad.into_primitive().tensor(),
+        ];
+        let flex = |t: FlexTensor| Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(t));
+        let tolerance = Tolerance::<f32>::absolute(1e-5);
+        for bias in [Some(&b), None] {
+            let reference = Flex::linear(x.clone(), w.clone(), bias.cloned());
+            flex(linear_forward(&x, &w, bias))
+                .to_data()
+                .assert_approx_eq::<f32>(&flex(reference).to_data(), tolerance);
+        }
+        let reference = Flex::linear_x_backward(w.clone(), grad.clone());
+        flex(linear_input_backward(&w, &grad))
+            .to_data()
+            .assert_approx_eq::<f32>(&flex(reference).to_data(), tolerance);
+    }
+
+    /// A trained layer keeps burn's op, so its weight and bias still get their gradients.
+    #[test]
+    fn a_trained_layer_keeps_its_parameter_gradients() {
+        let device = Default::default();
+        let layer: Linear<AB> = LinearConfig::new(8, 4).init(&device);
+        let x = Tensor::<AB, 3>::random([2, 3, 8], Distribution::Default, &device);
+        let grads = fused(&layer, x.clone()).sum().backward();
+        let reference = layer.forward(x).sum().backward();
+        for (fused, reference) in [
+            (layer.weight.grad(&grads), layer.weight.grad(&reference)),
+            (
+                layer
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .grad(&grads)
+                    .map(|g| g.reshape([1, 4])),
+                layer
+                    .bias
+                    .as_ref()
+                    .unwrap()
+                    .grad(&reference)
+                    .map(|g| g.reshape([1, 4])),
+            ),
+        ] {
+            let (fused, reference) = (fused.unwrap(), reference.unwrap());
+            fused
+                .to_data()
+                .assert_approx_eq::<f32>(&reference.to_data(), Tolerance::absolute(1e-5));
+        }
+    }
+}

@@ -5,7 +5,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use super::clip::mix_seed;
+use super::clip::{mix_seed, token_rows};
 use super::config::{AdapterConfig, ClipConfig};
 
 /// Which tower the adapter is serving (selects the modality-specific projections).
@@ -171,10 +171,8 @@ impl<B: Backend> MrsAdapter<B> {
             Modality::Vision => (&self.visual_down, &self.visual_up),
             Modality::Text => (&self.text_down, &self.text_up),
         };
-        // One tall product, as `linear_tokens` does; the adapter is trained, so burn's op.
-        let [batch, tokens, d_model] = x.dims();
-        let hidden = down.forward(x.reshape([batch * tokens, d_model]));
-        let hidden = relu(hidden.reshape([batch, tokens, down.weight.dims()[1]]));
+        // The adapter is trained, so burn's `Linear` (not the frozen backbone's kernel).
+        let hidden = relu(token_rows(x, |rows| down.forward(rows))); // [batch, tokens, bottleneck]
         let hidden = match (dropout_seed, at) {
             (Some(seed), None) => dropout(hidden, self.dropout, seed),
             (Some(seed), Some(at)) => dropout_at(hidden, self.dropout, seed, at),
@@ -188,10 +186,7 @@ impl<B: Backend> MrsAdapter<B> {
         };
         let weight = Tensor::cat(vec![up.weight.val(), self.shared_up.weight.val()], 1);
         let bias = Tensor::cat(vec![bias(up), bias(&self.shared_up)], 0);
-        let [batch, tokens, bottleneck] = hidden.dims();
-        let d_model = weight.dims()[1];
-        (hidden.reshape([batch * tokens, bottleneck]).matmul(weight) + bias.unsqueeze::<2>())
-            .reshape([batch, tokens, d_model])
+        token_rows(hidden, |rows| rows.matmul(weight) + bias.unsqueeze::<2>())
     }
 }
 

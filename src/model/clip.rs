@@ -18,8 +18,17 @@ use super::kernels::{KeyRange, ModelBackend, activation, attention, layer_norm a
 /// burn's `Linear` on a 3-D input runs one small matmul per batch row (re-packing the weight
 /// each time); a single tall matmul is several times faster on the CPU.
 pub fn linear_tokens<B: ModelBackend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    token_rows(x, |rows| linear(layer, rows))
+}
+
+/// `f` applied to `[batch, tokens, d_in]` as the rows `[batch·tokens, d_in]` (one tall
+/// product instead of one per batch row); `f` returns `[batch·tokens, d_out]`.
+pub fn token_rows<B: Backend>(
+    x: Tensor<B, 3>,
+    f: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>,
+) -> Tensor<B, 3> {
     let [batch, tokens, d_input] = x.dims();
-    let out = linear(layer, x.reshape([batch * tokens, d_input])); // [batch·tokens, d_out]
+    let out = f(x.reshape([batch * tokens, d_input]));
     let d_output = out.dims()[1];
     out.reshape([batch, tokens, d_output])
 }

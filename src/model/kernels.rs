@@ -197,7 +197,7 @@ impl ModelBackend for Flex {
         beta: &FlexTensor,
         epsilon: f64,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        let f32s = [x, gamma, beta].iter().all(|t| t.dtype() == DType::F32);
+        let f32s = [x, gamma, beta].into_iter().all(is_f32);
         // Rows of zero width have nothing to normalise: burn's op handles that shape.
         let width = gamma.layout().shape().num_elements();
         (f32s && width > 0).then(|| layer_norm_forward(x, gamma, beta, epsilon as f32))
@@ -216,7 +216,7 @@ impl ModelBackend for Flex {
 
     fn activation_saving(x: &FlexTensor, act: HiddenAct) -> Option<FlexTensor> {
         let kernel = matches!(act, HiddenAct::QuickGelu | HiddenAct::Gelu);
-        (kernel && x.dtype() == DType::F32).then(|| activation_forward(x, act))
+        (kernel && is_f32(x)).then(|| activation_forward(x, act))
     }
 
     fn attention_saving(
@@ -226,7 +226,7 @@ impl ModelBackend for Flex {
         heads: usize,
         range: &KeyRange,
     ) -> Option<(FlexTensor, FlexTensor)> {
-        let f32s = [q, k, v].iter().all(|t| t.dtype() == DType::F32);
+        let f32s = [q, k, v].into_iter().all(is_f32);
         f32s.then(|| attention::attention_forward(q, k, v, heads, range))
     }
 
@@ -241,7 +241,7 @@ impl ModelBackend for Flex {
     }
 
     fn linear_kernel(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> Option<FlexTensor> {
-        let f32s = linear::is_f32(x) && linear::is_f32(w) && b.is_none_or(linear::is_f32);
+        let f32s = is_f32(x) && is_f32(w) && b.is_none_or(is_f32);
         f32s.then(|| linear::linear_forward(x, w, b))
     }
 
@@ -506,6 +506,11 @@ fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
         Some(slice) => std::borrow::Cow::Borrowed(slice),
         None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().unwrap().to_vec()),
     }
+}
+
+/// Whether a tensor can go through the f32 kernels.
+fn is_f32(t: &FlexTensor) -> bool {
+    t.dtype() == DType::F32
 }
 
 fn tensor(values: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {

@@ -115,10 +115,7 @@ pub fn linear_forward(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) ->
         &w_values,
         w_strides,
     );
-    let mut shape = x.layout().shape().clone();
-    let last = shape.num_dims() - 1;
-    shape[last] = d_out;
-    tensor(out, shape)
+    tensor(out, with_last_dim(x, d_out))
 }
 
 /// `dX = dY Wᵀ`: the input gradient of [`linear_forward`], shaped like `dY` with `d_in` last.
@@ -137,10 +134,15 @@ pub fn linear_input_backward(w: &FlexTensor, grad: &FlexTensor) -> FlexTensor {
         &w_values,
         wt_strides,
     );
-    let mut shape = grad.layout().shape().clone();
-    let last = shape.num_dims() - 1;
-    shape[last] = d_in;
-    tensor(out, shape)
+    tensor(out, with_last_dim(grad, d_in))
+}
+
+/// `t`'s shape with its last dimension replaced by `last`.
+fn with_last_dim(t: &FlexTensor, last: usize) -> burn::tensor::Shape {
+    let mut shape = t.layout().shape().clone();
+    let dims = shape.num_dims();
+    shape[dims - 1] = last;
+    shape
 }
 
 fn weight_dims(w: &FlexTensor) -> [usize; 2] {
@@ -201,11 +203,6 @@ pub fn linear_autodiff<B: ModelBackend, C: CheckpointStrategy>(
         OpsKind::Tracked(prep) => prep.finish(w.primitive, output),
         OpsKind::UnTracked(prep) => prep.finish(output),
     }
-}
-
-/// Whether a tensor can go through the f32 kernels.
-pub fn is_f32(t: &FlexTensor) -> bool {
-    burn::tensor::TensorMetadata::dtype(t) == burn::tensor::DType::F32
 }
 
 #[cfg(test)]

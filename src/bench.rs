@@ -26,6 +26,9 @@ pub struct BenchOptions {
     pub ranking: bool,
     /// Time the model's largest matmul alone (the MLP's first layer at the training shape).
     pub matmul: bool,
+    /// Time the frozen linear layers' products (the vision MLP's two layers at the training
+    /// shape, forward and input gradient) through the model's own linear operation.
+    pub linear: bool,
     /// Captions to embed / train on (cycled).
     pub captions: Vec<String>,
     pub seed: u64,
@@ -47,6 +50,10 @@ pub struct BenchReport {
     /// The vision MLP's first matmul at the training shape ([2·batch·tokens, width] ×
     /// [width, intermediate]), GFLOP/s of the backend's matmul alone.
     pub matmul_gflops: Option<f64>,
+    /// The vision MLP's frozen layers at the training shape through `ModelBackend`'s linear
+    /// operation: `x W₁ + b₁`, `h W₂ + b₂` and their input gradients `dY Wᵀ`, GFLOP/s over
+    /// the four products (the products of a training step, as the step runs them).
+    pub linear_gflops: Option<f64>,
     pub trainable_params: usize,
     /// Peak resident memory of the process (VmHWM) at the end of the run.
     pub peak_rss_mib: Option<f64>,
@@ -106,6 +113,7 @@ pub fn run<AB: TrainBackend>(
         train_step_ms: None,
         ranking_seconds: None,
         matmul_gflops: None,
+        linear_gflops: None,
         trainable_params: adapter.trainable_params(config),
         peak_rss_mib: None,
     };
@@ -199,8 +207,71 @@ pub fn run<AB: TrainBackend>(
         let flops = 2.0 * m as f64 * k as f64 * n as f64 * 10.0 * iterations as f64;
         report.matmul_gflops = Some(flops / seconds / 1e9);
     }
+    if options.linear {
+        report.linear_gflops = Some(linear_gflops::<AB::InnerBackend>(
+            config,
+            options.batch_size,
+            iterations,
+            device,
+        ));
+    }
     report.peak_rss_mib = peak_rss_mib();
     report
+}
+
+/// GFLOP/s of the vision MLP's frozen products at the training shape (`2·batch·tokens`
+/// rows: the plain and the dropout view), as `ModelBackend`'s linear operation runs them;
+/// `iterations` timed rounds of the four products after one untimed round.
+fn linear_gflops<B: crate::model::kernels::ModelBackend>(
+    config: &ClipConfig,
+    batch_size: usize,
+    iterations: usize,
+    device: &B::Device,
+) -> f64 {
+    use burn::tensor::TensorPrimitive;
+    let vision = &config.vision_config;
+    let tokens = (vision.image_size / vision.patch_size).pow(2) + 1;
+    let (m, width, inner) = (
+        2 * batch_size * tokens,
+        vision.hidden_size,
+        vision.intermediate_size,
+    );
+    let matrix = |dims: [usize; 2]| {
+        Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 0.02), device)
+            .into_primitive()
+            .tensor()
+    };
+    let bias = |n: usize| {
+        Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 0.02), device)
+            .into_primitive()
+            .tensor()
+    };
+    let (x, w1, b1, w2, b2) = (
+        matrix([m, width]),
+        matrix([width, inner]),
+        bias(inner),
+        matrix([inner, width]),
+        bias(width),
+    );
+    let (grad_hidden, grad_out) = (matrix([m, inner]), matrix([m, width]));
+    let round = || {
+        let hidden = B::linear_fused(x.clone(), w1.clone(), Some(b1.clone()));
+        let out = B::linear_fused(hidden, w2.clone(), Some(b2.clone()));
+        let grad_h = B::linear_input_grad(w2.clone(), grad_out.clone());
+        let grad_x = B::linear_input_grad(w1.clone(), grad_hidden.clone());
+        // Reading one value waits for the products on asynchronous backends.
+        for t in [out, grad_h, grad_x] {
+            let t = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+            let _ = t.slice([0..1, 0..1]).into_scalar();
+        }
+    };
+    round();
+    let start = Instant::now();
+    for _ in 0..iterations {
+        round();
+    }
+    let flops = 4.0 * 2.0 * (m * width * inner) as f64 * iterations as f64;
+    flops / start.elapsed().as_secs_f64() / 1e9
 }
 
 /// Evaluation ranking at RSICD test size (1,093 images, 5 captions each) on random unit

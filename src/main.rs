@@ -308,8 +308,8 @@ enum Command {
         batch_size: usize,
         #[arg(long, default_value_t = 3)]
         iterations: usize,
-        /// Comma-separated subset of image,text,train,ranking,matmul.
-        #[arg(long, default_value = "image,text,train,ranking,matmul")]
+        /// Comma-separated subset of image,text,train,ranking,matmul,linear.
+        #[arg(long, default_value = "image,text,train,ranking,matmul,linear")]
         only: String,
         /// Karpathy dataset whose captions are used as text inputs.
         #[arg(long)]
@@ -602,9 +602,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
         } => {
             let parts: Vec<&str> = only.split(',').map(str::trim).collect();
             for part in &parts {
-                if !["image", "text", "train", "ranking", "matmul"].contains(part) {
+                if !["image", "text", "train", "ranking", "matmul", "linear"].contains(part) {
                     bail!(
-                        "--only: unknown part `{part}` (expected image, text, train, ranking or matmul)"
+                        "--only: unknown part `{part}` (expected image, text, train, ranking, matmul or linear)"
                     );
                 }
             }
@@ -620,6 +620,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 train: parts.contains(&"train"),
                 ranking: parts.contains(&"ranking"),
                 matmul: parts.contains(&"matmul"),
+                linear: parts.contains(&"linear"),
                 captions,
                 seed,
             };

@@ -131,7 +131,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--captions")
-    parser.add_argument("--only", default="image,text,train,matmul")
+    parser.add_argument("--only", default="image,text,train,matmul,linear")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--arch", default=None,
                         help="an open_clip architecture (ViT-B-16, ViT-L-14, ...) built by open_clip "
@@ -198,6 +198,22 @@ def main():
                 lhs @ rhs
 
         report["matmul_gflops"] = 2 * m * k * w * 10 * args.iterations / timed(products) / 1e9
+    if "linear" in only:
+        # The vision MLP's frozen layers at the training shape, like `rsitrd bench`'s linear:
+        # x W1 + b1, h W2 + b2 and the input gradients dY W (what autograd runs for them).
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        m, width, inner = 2 * n * tokens, vision.hidden_size, vision.intermediate_size
+        x, grad_hidden, grad_out = torch.randn(m, width), torch.randn(m, inner), torch.randn(m, width)
+        w1, b1 = torch.randn(inner, width) * 0.02, torch.randn(inner) * 0.02
+        w2, b2 = torch.randn(width, inner) * 0.02, torch.randn(width) * 0.02
+
+        def layers(i):
+            F.linear(F.linear(x, w1, b1), w2, b2)
+            grad_out @ w2
+            grad_hidden @ w1
+
+        report["linear_gflops"] = 4 * 2 * m * width * inner * args.iterations / timed(layers) / 1e9
     report["trainable_params"] = sum(p.numel() for p in adapter.parameters())
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(report))

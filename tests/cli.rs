@@ -120,7 +120,7 @@ fn bench_reports_every_requested_part() {
         rsitrd()
             .args(["bench", "--batch-size", "2", "--iterations", "1", "--model"])
             .arg(fixture("tiny-clip"))
-            .args(["--only", "image,text,train,matmul"]),
+            .args(["--only", "image,text,train,matmul,linear"]),
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for key in [
@@ -129,6 +129,7 @@ fn bench_reports_every_requested_part() {
         "train_pairs_per_s",
         "train_step_ms",
         "matmul_gflops",
+        "linear_gflops",
     ] {
         let value = report[key].as_f64().unwrap_or(f64::NAN);
         assert!(value.is_finite() && value > 0.0, "{key}: {report}");

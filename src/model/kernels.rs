@@ -325,38 +325,65 @@ impl<B: ModelBackend, C: CheckpointStrategy> ModelBackend for Autodiff<B, C> {
     }
 
     fn activation(x: FloatTensor<Self>, act: HiddenAct) -> FloatTensor<Self> {
-        /// State: the input only (burn's composites keep the input and intermediates).
-        #[derive(Debug)]
-        struct ActivationBackward(HiddenAct);
-
-        impl<B: ModelBackend> Backward<B, 1> for ActivationBackward {
-            type State = FloatTensor<B>;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _checkpointer: &mut Checkpointer,
-            ) {
-                let [parent] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                if let Some(node) = parent {
-                    grads.register::<B>(node.id, B::activation_grad(ops.state, grad, self.0));
-                }
-            }
-        }
-
         let Some(output) = B::activation_saving(&x.primitive, act) else {
             return activation_composite::<Self>(x, act);
         };
-        match ActivationBackward(act)
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(x.primitive, output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
+        // The backward keeps the input only (burn's composites keep intermediates too).
+        record_one_input::<B, C>(x, output, InputGrad::Activation(act), |x| x)
+    }
+}
+
+/// What the backward of a one-input operation computes from its saved tensor and the output's
+/// gradient.
+#[derive(Debug, Clone, Copy)]
+enum InputGrad {
+    /// The activation's derivative; the saved tensor is the input.
+    Activation(HiddenAct),
+    /// `dY Wᵀ` of a frozen linear layer; the saved tensor is the weight.
+    Linear,
+}
+
+/// The backward node of a one-input operation.
+#[derive(Debug)]
+struct OneInputBackward(InputGrad);
+
+impl<B: ModelBackend> Backward<B, 1> for OneInputBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = parent {
+            let input_grad = match self.0 {
+                InputGrad::Activation(act) => B::activation_grad(ops.state, grad, act),
+                InputGrad::Linear => B::linear_input_grad(ops.state, grad),
+            };
+            grads.register::<B>(node.id, input_grad);
         }
+    }
+}
+
+/// Records `output`, computed by the inner backend from `input`, with the backward `kind`;
+/// `state` picks the tensor that backward keeps (taking the input's primitive), and runs
+/// only when the input is tracked.
+fn record_one_input<B: ModelBackend, C: CheckpointStrategy>(
+    input: FloatTensor<Autodiff<B, C>>,
+    output: FloatTensor<B>,
+    kind: InputGrad,
+    state: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match OneInputBackward(kind)
+        .prepare::<C>([input.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state(input.primitive), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
     }
 }
 

@@ -9,17 +9,14 @@
 //! keeps burn's op.
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, ModuleOps};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{ModelBackend, TASK_ELEMENTS, tensor, values};
+use super::{InputGrad, ModelBackend, TASK_ELEMENTS, record_one_input, tensor, values};
 
 /// Products below this many multiply-adds run on the calling thread (burn-flex's threshold).
 const PARALLEL_WORK: usize = 192 * 192 * 192;
@@ -166,27 +163,6 @@ pub fn linear_autodiff<B: ModelBackend, C: CheckpointStrategy>(
     w: FloatTensor<Autodiff<B, C>>,
     b: Option<FloatTensor<Autodiff<B, C>>>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    /// State: the weight.
-    #[derive(Debug)]
-    struct LinearBackward;
-
-    impl<B: ModelBackend> Backward<B, 1> for LinearBackward {
-        type State = FloatTensor<B>;
-
-        fn backward(
-            self,
-            ops: Ops<Self::State, 1>,
-            grads: &mut Gradients,
-            _checkpointer: &mut Checkpointer,
-        ) {
-            let [parent] = ops.parents;
-            let grad = grads.consume::<B>(&ops.node);
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, B::linear_input_grad(ops.state, grad));
-            }
-        }
-    }
-
     let frozen =
         w.node.requirement.is_none() && b.as_ref().is_none_or(|b| b.node.requirement.is_none());
     let kernel = frozen
@@ -195,14 +171,8 @@ pub fn linear_autodiff<B: ModelBackend, C: CheckpointStrategy>(
     let Some(output) = kernel else {
         return <Autodiff<B, C> as ModuleOps<Autodiff<B, C>>>::linear(x, w, b);
     };
-    match LinearBackward
-        .prepare::<C>([x.node.clone()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => prep.finish(w.primitive, output),
-        OpsKind::UnTracked(prep) => prep.finish(output),
-    }
+    // The backward keeps the weight.
+    record_one_input::<B, C>(x, output, InputGrad::Linear, |_| w.primitive)
 }
 
 #[cfg(test)]

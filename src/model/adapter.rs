@@ -156,10 +156,11 @@ impl<B: Backend> MrsAdapter<B> {
         self.forward_at(x, modality, dropout_seed, None)
     }
 
-    /// [`Self::forward`] on some tokens of each row only: `x` is `[batch, 1, d_model]`, row `b`
-    /// holding token `at.pooled[b]` of a sequence of `at.tokens`. The dropout mask is the one
-    /// the whole sequence would draw at those positions, so a training run does not depend on
-    /// which tokens were left out.
+    /// [`Self::forward`] on some tokens only: row `i` of `x` (its rows taken in order, any
+    /// shape `[.., .., d_model]`) is token `at.rows[i]` of a padded `[batch, tokens]` layout.
+    /// The dropout mask is the one the whole padded layout would draw at those tokens, so a
+    /// training run does not depend on which tokens were left out (the pooled last block, the
+    /// text tower's packed captions).
     pub fn forward_at(
         &self,
         x: Tensor<B, 3>,
@@ -223,41 +224,42 @@ pub fn dropout_rows_from<B: Backend, const D: usize>(
     input * mask
 }
 
-/// Positions of the computed tokens in their sequences (see [`MrsAdapter::forward_at`]).
+/// Where the computed tokens sit in a padded `[batch, tokens]` layout (see
+/// [`MrsAdapter::forward_at`]).
 #[derive(Debug, Clone, Copy)]
 pub struct TokenPositions<'a> {
-    /// Tokens per sequence.
-    pub tokens: usize,
-    /// The token of each batch row.
-    pub pooled: &'a [usize],
+    /// Tokens of the whole padded layout (`batch · tokens`): the masks are drawn for it.
+    pub padded: usize,
+    /// The padded token (`b · tokens + t`) of each row.
+    pub rows: &'a [usize],
 }
 
-/// [`dropout`] of `[batch, 1, width]` rows that stand for token `at.pooled[b]` of
-/// `[batch, at.tokens, width]`: the mask values are the whole sequence's at those tokens.
-fn dropout_at<B: Backend>(
-    input: Tensor<B, 3>,
+/// [`dropout`] of rows that stand for tokens `at.rows` of a padded layout: the mask values
+/// are the whole layout's at those tokens.
+fn dropout_at<B: Backend, const D: usize>(
+    input: Tensor<B, D>,
     prob: f64,
     seed: u64,
     at: TokenPositions<'_>,
-) -> Tensor<B, 3> {
-    let [batch, _, width] = input.dims();
+) -> Tensor<B, D> {
     if prob <= 0.0 {
         return input;
     }
-    let full = keep_mask(batch * at.tokens * width, 0, prob, seed);
-    let mask: Vec<f32> = at
-        .pooled
-        .iter()
-        .enumerate()
-        .flat_map(|(row, &token)| {
-            let start = (row * at.tokens + token) * width;
-            full[start..start + width].iter().copied()
-        })
-        .collect();
-    let mask = Tensor::<B, 3>::from_data(
-        burn::tensor::TensorData::new(mask, [batch, 1, width]),
-        &input.device(),
+    let shape = input.shape();
+    let width = input.dims()[D - 1];
+    assert_eq!(
+        shape.num_elements(),
+        at.rows.len() * width,
+        "one padded position per row"
     );
+    let full = keep_mask(at.padded * width, 0, prob, seed);
+    let mask: Vec<f32> = at
+        .rows
+        .iter()
+        .flat_map(|&token| full[token * width..(token + 1) * width].iter().copied())
+        .collect();
+    let mask =
+        Tensor::<B, D>::from_data(burn::tensor::TensorData::new(mask, shape), &input.device());
     input * mask
 }
 

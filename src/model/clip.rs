@@ -101,8 +101,9 @@ impl<B: Backend> ClipAttention<B> {
 }
 
 impl<B: ModelBackend> ClipAttention<B> {
-    /// - `x`: `[batch, tokens, d_model]`; returns `[batch, tokens, d_model]`.
-    fn forward(&self, x: Tensor<B, 3>, causal: bool) -> Tensor<B, 3> {
+    /// - `x`: the rows of `layout` (`[batch, tokens, d_model]`, or `[1, rows, d_model]`
+    ///   packed); returns the same shape.
+    fn forward(&self, x: Tensor<B, 3>, causal: bool, layout: &Layout<B>) -> Tensor<B, 3> {
         let q = linear_tokens(&self.q_proj, x.clone());
         let k = linear_tokens(&self.k_proj, x.clone());
         let v = linear_tokens(&self.v_proj, x);
@@ -111,21 +112,35 @@ impl<B: ModelBackend> ClipAttention<B> {
         } else {
             KeyRange::All
         };
-        linear_tokens(&self.out_proj, attention(q, k, v, self.num_heads, &range))
+        let context = match layout {
+            Layout::Dense { .. } => attention(q, k, v, self.num_heads, &range),
+            Layout::Packed(packed) => packed.unpad(attention(
+                packed.pad(q),
+                packed.pad(k),
+                packed.pad(v),
+                self.num_heads,
+                &range,
+            )),
+        };
+        linear_tokens(&self.out_proj, context)
     }
 
-    /// The attention output at one query token per row (`pooled[row]`), attending to every
-    /// token (or, when `causal`, to the tokens up to it): what [`Self::forward`] gives at
-    /// those positions, for a fraction of the work.
+    /// The attention output at each sequence's pooled token, attending to every token (or,
+    /// when `causal`, to the tokens up to it): what [`Self::forward`] gives at those
+    /// positions, for a fraction of the work.
     ///
-    /// - `x`: `[batch, tokens, d_model]`; returns `[batch, 1, d_model]`.
-    fn forward_at(&self, x: Tensor<B, 3>, pooled: &[usize], causal: bool) -> Tensor<B, 3> {
-        let queries = select_tokens(x.clone(), pooled); // [batch, 1, d]
+    /// - `x`: the rows of `layout`; returns `[batch, 1, d_model]`.
+    fn forward_at(&self, x: Tensor<B, 3>, causal: bool, layout: &Layout<B>) -> Tensor<B, 3> {
+        let queries = layout.pooled_rows(x.clone()); // [batch, 1, d]
         let q = linear_tokens(&self.q_proj, queries);
         let k = linear_tokens(&self.k_proj, x.clone());
         let v = linear_tokens(&self.v_proj, x);
+        let (k, v) = match layout {
+            Layout::Dense { .. } => (k, v),
+            Layout::Packed(packed) => (packed.pad(k), packed.pad(v)),
+        };
         let range = if causal {
-            KeyRange::UpTo(pooled.to_vec())
+            KeyRange::UpTo(layout.pooled().to_vec())
         } else {
             KeyRange::All
         };
@@ -136,16 +151,154 @@ impl<B: ModelBackend> ClipAttention<B> {
 /// Row `b` of the result is token `pooled[b]` of row `b` of `x` (`[batch, tokens, d]` →
 /// `[batch, 1, d]`).
 fn select_tokens<B: Backend>(x: Tensor<B, 3>, pooled: &[usize]) -> Tensor<B, 3> {
-    let [batch, tokens, d_model] = x.dims();
-    let rows: Vec<i32> = pooled
+    let tokens = x.dims()[1];
+    let rows: Vec<usize> = pooled
         .iter()
         .enumerate()
-        .map(|(row, &token)| (row * tokens + token) as i32)
+        .map(|(row, &token)| row * tokens + token)
         .collect();
-    let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [batch]), &x.device());
+    let device = x.device();
+    gather_rows(x, &index(&rows, &device), [pooled.len(), 1])
+}
+
+/// An index tensor of `rows`.
+fn index<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let rows: Vec<i32> = rows.iter().map(|&row| row as i32).collect();
+    let len = rows.len();
+    Tensor::from_data(TensorData::new(rows, [len]), device)
+}
+
+/// The rows `rows` of `x` (taken as `[rows, d]`), shaped `[sequences, per_sequence, d]`.
+fn gather_rows<B: Backend>(
+    x: Tensor<B, 3>,
+    rows: &Tensor<B, 1, Int>,
+    [sequences, per_sequence]: [usize; 2],
+) -> Tensor<B, 3> {
+    let [batch, tokens, d_model] = x.dims();
     x.reshape([batch * tokens, d_model])
-        .select(0, rows)
-        .reshape([batch, 1, d_model])
+        .select(0, rows.clone())
+        .reshape([sequences, per_sequence, d_model])
+}
+
+/// How a tower's token rows are laid out.
+enum Layout<'a, B: Backend> {
+    /// `[batch, tokens, d]`: every sequence has all `tokens` tokens (the vision tower).
+    Dense {
+        tokens: usize,
+        /// The pooled token of each sequence.
+        pooled: &'a [usize],
+    },
+    /// The captions of a batch packed one after another as `[1, rows, d]`, each only up to
+    /// its pooled end token: under the causal mask nothing after it reaches the pooled
+    /// output, so the padding of shorter captions is never computed.
+    Packed(&'a Packing<B>),
+}
+
+impl<B: Backend> Layout<'_, B> {
+    /// The pooled token of each sequence, counted from its start.
+    fn pooled(&self) -> &[usize] {
+        match self {
+            Layout::Dense { pooled, .. } => pooled,
+            Layout::Packed(packed) => &packed.pooled,
+        }
+    }
+
+    /// Each sequence's pooled row of `x` (the rows of this layout): `[batch, 1, d]`.
+    fn pooled_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Layout::Dense { pooled, .. } => select_tokens(x, pooled),
+            Layout::Packed(packed) => gather_rows(x, &packed.pooled_index, [packed.batch, 1]),
+        }
+    }
+
+    /// The padded position of each row (what the adapter's dropout masks are drawn for),
+    /// with the size of the padded layout; `None` when the rows are the padded layout.
+    fn positions(&self) -> Option<TokenPositions<'_>> {
+        match self {
+            Layout::Dense { .. } => None,
+            Layout::Packed(packed) => Some(TokenPositions {
+                padded: packed.batch * packed.tokens,
+                rows: &packed.rows,
+            }),
+        }
+    }
+
+    /// Tokens per sequence of the padded layout.
+    fn tokens(&self) -> usize {
+        match self {
+            Layout::Dense { tokens, .. } => *tokens,
+            Layout::Packed(packed) => packed.tokens,
+        }
+    }
+
+    /// Padded positions of the pooled tokens (`b · tokens + pooled[b]`).
+    fn pooled_positions(&self) -> Vec<usize> {
+        let tokens = self.tokens();
+        self.pooled()
+            .iter()
+            .enumerate()
+            .map(|(row, &token)| row * tokens + token)
+            .collect()
+    }
+}
+
+/// The index maps between a padded `[batch, tokens]` batch of captions and its packed rows.
+struct Packing<B: Backend> {
+    batch: usize,
+    /// The padded length (the batch's longest caption).
+    tokens: usize,
+    /// Pooled (end) token of each caption; caption `b` keeps tokens `0..=pooled[b]`.
+    pooled: Vec<usize>,
+    /// The padded position `b · tokens + t` of each packed row.
+    rows: Vec<usize>,
+    /// `rows` as an index tensor (padded → packed).
+    pack_index: Tensor<B, 1, Int>,
+    /// For each padded position, the packed row it reads: its own token, or for padding
+    /// the caption's end token (a key no query of the caption sees, a query whose output
+    /// is dropped, so its gradients are exact zeros).
+    pad_index: Tensor<B, 1, Int>,
+    /// The packed row of each caption's pooled token.
+    pooled_index: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> Packing<B> {
+    fn new(tokens: usize, pooled: &[usize], device: &B::Device) -> Self {
+        let batch = pooled.len();
+        let mut rows = Vec::new();
+        let mut pad = Vec::with_capacity(batch * tokens);
+        let mut pooled_rows = Vec::with_capacity(batch);
+        for (b, &end) in pooled.iter().enumerate() {
+            assert!(end < tokens, "pooled token {end} outside {tokens} tokens");
+            let start = rows.len();
+            rows.extend((0..=end).map(|t| b * tokens + t));
+            pad.extend((0..tokens).map(|t| start + t.min(end)));
+            pooled_rows.push(start + end);
+        }
+        Self {
+            batch,
+            tokens,
+            pooled: pooled.to_vec(),
+            pack_index: index(&rows, device),
+            rows,
+            pad_index: index(&pad, device),
+            pooled_index: index(&pooled_rows, device),
+        }
+    }
+
+    /// `[batch, tokens, d]` → the packed `[1, rows, d]`.
+    fn pack(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        gather_rows(x, &self.pack_index, [1, self.rows.len()])
+    }
+
+    /// The packed `[1, rows, d]` → `[batch, tokens, d]` (padding repeats each end token).
+    fn pad(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        gather_rows(x, &self.pad_index, [self.batch, self.tokens])
+    }
+
+    /// `[batch, tokens, d]` → the packed rows (the inverse of [`Self::pad`] on real tokens).
+    fn unpad(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.pack(x)
+    }
 }
 
 /// The block MLP: `fc2(act(fc1(x)))`.
@@ -220,15 +373,15 @@ struct Tower {
 impl<B: ModelBackend> ClipEncoder<B> {
     /// Runs every block:
     /// `x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)) + adapter(x, modality)`,
-    /// and returns the last block's output at token `pooled[row]` of each row only: nothing
+    /// and returns the last block's output at each sequence's pooled token only: nothing
     /// else of the last block is read, so its queries, MLP and adapter run on those tokens
     /// alone (its keys and values still see every token).
     ///
-    /// - `x`: `[batch, tokens, d_model]`; returns `[batch, d_model]`.
+    /// - `x`: the rows of `layout`; returns `[batch, d_model]`.
     fn forward(
         &self,
         mut x: Tensor<B, 3>,
-        pooled: &[usize],
+        layout: &Layout<B>,
         adapter: &MrsAdapter<B>,
         tower: Tower,
         options: ForwardOptions,
@@ -238,22 +391,31 @@ impl<B: ModelBackend> ClipEncoder<B> {
             causal,
             eps,
         } = tower;
-        let [batch, tokens, d_model] = x.dims();
+        let d_model = x.dims()[2];
+        let batch = layout.pooled().len();
+        let pooled_positions = layout.pooled_positions();
         let last = self.layers.len().saturating_sub(1);
         for (index, layer) in self.layers.iter().enumerate() {
             let normed = norm(&layer.layer_norm1, x.clone(), eps);
             x = if index == last {
-                select_tokens(x, pooled) + layer.self_attn.forward_at(normed, pooled, causal)
+                layout.pooled_rows(x) + layer.self_attn.forward_at(normed, causal, layout)
             } else {
-                x + layer.self_attn.forward(normed, causal)
+                x + layer.self_attn.forward(normed, causal, layout)
             };
             let seed = options.site_seed(1 + index as u64);
-            let at = (index == last).then_some(TokenPositions { tokens, pooled });
+            let at = if index == last {
+                Some(TokenPositions {
+                    padded: batch * layout.tokens(),
+                    rows: &pooled_positions,
+                })
+            } else {
+                layout.positions()
+            };
             let adapted = adapter.forward_at(x.clone(), modality, seed, at);
             x = x.clone() + layer.mlp.forward(norm(&layer.layer_norm2, x, eps)) + adapted;
         }
         if self.layers.is_empty() {
-            x = select_tokens(x, pooled);
+            x = layout.pooled_rows(x);
         }
         x.reshape([batch, d_model])
     }
@@ -453,7 +615,10 @@ impl<B: ModelBackend> ClipModel<B> {
         let cls = vec![0; batch];
         let cls = self.vision_model.encoder.forward(
             x,
-            &cls,
+            &Layout::Dense {
+                tokens: num_patches + 1,
+                pooled: &cls,
+            },
             &self.adapter,
             Tower {
                 modality: Modality::Vision,
@@ -469,7 +634,20 @@ impl<B: ModelBackend> ClipModel<B> {
     /// Projected text embeddings (not normalized), pooled at each caption's first EOT.
     ///
     /// Returns `[batch, projection_dim]`.
+    ///
+    /// The captions run packed (each only up to its end token, see [`Layout::Packed`]).
     pub fn text_features(&self, tokens: &TokenBatch, options: ForwardOptions) -> Tensor<B, 2> {
+        self.text_features_as(tokens, options, true)
+    }
+
+    /// [`Self::text_features`], packed or, with `packed` false, every caption padded to the
+    /// batch's longest (the reference the packing is tested against).
+    fn text_features_as(
+        &self,
+        tokens: &TokenBatch,
+        options: ForwardOptions,
+        packed: bool,
+    ) -> Tensor<B, 2> {
         let device = self.visual_projection.weight.device();
         let batch = tokens.len();
         let seq_len = tokens.seq_len;
@@ -487,9 +665,20 @@ impl<B: ModelBackend> ClipModel<B> {
             .unsqueeze::<3>(); // [1, seq, d]
         let x = x + positions;
         let x = options.embedding_dropout_on(x);
+        let packing = packed.then(|| Packing::new(seq_len, &tokens.eot_positions, &device));
+        let (x, layout) = match &packing {
+            Some(packing) => (packing.pack(x), Layout::Packed(packing)),
+            None => (
+                x,
+                Layout::Dense {
+                    tokens: seq_len,
+                    pooled: &tokens.eot_positions,
+                },
+            ),
+        };
         let pooled = self.text_model.encoder.forward(
             x,
-            &tokens.eot_positions,
+            &layout,
             &self.adapter,
             Tower {
                 modality: Modality::Text,
@@ -522,4 +711,143 @@ impl<B: ModelBackend> ClipModel<B> {
 pub fn l2_normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     let norm = x.clone().powi_scalar(2).sum_dim(1).sqrt().clamp_min(1e-12); // [batch, 1]
     x / norm
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, Tolerance};
+
+    type AB = Autodiff<Flex>;
+
+    /// A tiny CLIP (the tiny-clip fixture's text shape, 3 layers) with a non-zero adapter
+    /// (its up projections start at zero, which would hide the adapter's gradients).
+    fn tiny_model() -> ClipModel<AB> {
+        let device = &Default::default();
+        let config: ClipConfig = serde_json::from_str(
+            r#"{"projection_dim": 24,
+                "text_config": {"hidden_size": 32, "intermediate_size": 64,
+                                "num_attention_heads": 2, "num_hidden_layers": 3},
+                "vision_config": {"hidden_size": 48, "intermediate_size": 96,
+                                  "num_attention_heads": 2, "num_hidden_layers": 2,
+                                  "image_size": 64, "patch_size": 32}}"#,
+        )
+        .expect("tiny config");
+        let adapter = AdapterConfig {
+            bottleneck: 8,
+            shared_width: 8,
+            dropout: 0.5,
+        };
+        let mut model = config.init::<AB>(&adapter, device).freeze_backbone();
+        let random = |linear: &Linear<AB>| {
+            let dims = linear.weight.dims();
+            Param::from_tensor(Tensor::random(dims, Distribution::Normal(0.0, 0.5), device))
+        };
+        model.adapter.text_up.weight = random(&model.adapter.text_up);
+        model.adapter.shared_up.weight = random(&model.adapter.shared_up);
+        model
+    }
+
+    /// Captions of 3, 7, 2 and 5 tokens (padded to 7), each ending in its EOT.
+    fn ragged_batch() -> TokenBatch {
+        let captions: Vec<Vec<i32>> = [3usize, 7, 2, 5]
+            .iter()
+            .enumerate()
+            .map(|(row, &len)| {
+                let mut ids: Vec<i32> = (0..len as i32 - 1)
+                    .map(|t| 49406 - 1 - 97 * row as i32 - 13 * t)
+                    .collect();
+                ids[0] = 49406;
+                ids.push(49407);
+                ids
+            })
+            .collect();
+        crate::model::tokenizer::batch_from_ids(&captions)
+    }
+
+    /// The adapter's text and shared gradients after backward of a fixed projection of the
+    /// features.
+    fn features_and_grads(
+        model: &ClipModel<AB>,
+        tokens: &TokenBatch,
+        options: ForwardOptions,
+        packed: bool,
+    ) -> (Tensor<Flex, 2>, Vec<Tensor<Flex, 2>>) {
+        let features = model.text_features_as(tokens, options, packed);
+        let [rows, dim] = features.dims();
+        let weights: Vec<f32> = (0..rows * dim)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0)
+            .collect();
+        let weights =
+            Tensor::<AB, 2>::from_data(TensorData::new(weights, [rows, dim]), &features.device());
+        let grads = (features.clone() * weights).sum().backward();
+        let adapter = &model.adapter;
+        let grad_of = |linear: &Linear<AB>| linear.weight.grad(&grads).expect("adapter gradient");
+        (
+            features.inner(),
+            vec![
+                grad_of(&adapter.text_down),
+                grad_of(&adapter.text_up),
+                grad_of(&adapter.shared_up),
+            ],
+        )
+    }
+
+    #[test]
+    fn packed_captions_match_the_padded_batch_with_the_same_dropout() {
+        let model = tiny_model();
+        let tokens = ragged_batch();
+        assert_eq!(tokens.seq_len, 7);
+        for options in [
+            ForwardOptions::default(),
+            ForwardOptions {
+                dropout_seed: Some(41),
+                embedding_dropout: 0.2,
+                embedding_dropout_from_row: 2,
+            },
+        ] {
+            let (packed, packed_grads) = features_and_grads(&model, &tokens, options, true);
+            let (padded, padded_grads) = features_and_grads(&model, &tokens, options, false);
+            packed
+                .to_data()
+                .assert_approx_eq::<f32>(&padded.to_data(), Tolerance::absolute(1e-5));
+            for (packed, padded) in packed_grads.iter().zip(&padded_grads) {
+                assert!(
+                    padded.clone().abs().max().into_scalar() > 1e-3,
+                    "a gradient to compare"
+                );
+                packed
+                    .to_data()
+                    .assert_approx_eq::<f32>(&padded.to_data(), Tolerance::absolute(1e-5));
+            }
+        }
+        // The dropout masks matter: another seed gives other features.
+        let other = ForwardOptions {
+            dropout_seed: Some(42),
+            ..ForwardOptions::default()
+        };
+        let (seeded, _) = features_and_grads(&model, &tokens, other, true);
+        let (plain, _) = features_and_grads(&model, &tokens, ForwardOptions::default(), true);
+        let difference = (seeded - plain).abs().max().into_scalar();
+        assert!(difference > 1e-4, "dropout changed nothing ({difference})");
+    }
+
+    #[test]
+    fn a_caption_gives_the_same_features_alone_and_packed_with_others() {
+        let model = tiny_model();
+        let tokens = ragged_batch();
+        let batch = model.text_features(&tokens, ForwardOptions::default());
+        for row in 0..tokens.len() {
+            let len = tokens.eot_positions[row] + 1;
+            let start = row * tokens.seq_len;
+            let alone =
+                crate::model::tokenizer::batch_from_ids(&[tokens.ids[start..start + len].to_vec()]);
+            let features = model.text_features(&alone, ForwardOptions::default());
+            features.inner().to_data().assert_approx_eq::<f32>(
+                &batch.clone().inner().slice(row..row + 1).to_data(),
+                Tolerance::absolute(1e-5),
+            );
+        }
+    }
 }

@@ -148,19 +148,6 @@ impl<B: ModelBackend> ClipAttention<B> {
     }
 }
 
-/// Row `b` of the result is token `pooled[b]` of row `b` of `x` (`[batch, tokens, d]` →
-/// `[batch, 1, d]`).
-fn select_tokens<B: Backend>(x: Tensor<B, 3>, pooled: &[usize]) -> Tensor<B, 3> {
-    let tokens = x.dims()[1];
-    let rows: Vec<usize> = pooled
-        .iter()
-        .enumerate()
-        .map(|(row, &token)| row * tokens + token)
-        .collect();
-    let device = x.device();
-    gather_rows(x, &index(&rows, &device), [pooled.len(), 1])
-}
-
 /// An index tensor of `rows`.
 fn index<B: Backend>(rows: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let rows: Vec<i32> = rows.iter().map(|&row| row as i32).collect();
@@ -206,7 +193,10 @@ impl<B: Backend> Layout<'_, B> {
     /// Each sequence's pooled row of `x` (the rows of this layout): `[batch, 1, d]`.
     fn pooled_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
-            Layout::Dense { pooled, .. } => select_tokens(x, pooled),
+            Layout::Dense { .. } => {
+                let rows = index(&self.pooled_positions(), &x.device());
+                gather_rows(x, &rows, [self.pooled().len(), 1])
+            }
             Layout::Packed(packed) => gather_rows(x, &packed.pooled_index, [packed.batch, 1]),
         }
     }
@@ -217,7 +207,7 @@ impl<B: Backend> Layout<'_, B> {
         match self {
             Layout::Dense { .. } => None,
             Layout::Packed(packed) => Some(TokenPositions {
-                padded: packed.batch * packed.tokens,
+                padded: self.padded(),
                 rows: &packed.rows,
             }),
         }
@@ -229,6 +219,11 @@ impl<B: Backend> Layout<'_, B> {
             Layout::Dense { tokens, .. } => *tokens,
             Layout::Packed(packed) => packed.tokens,
         }
+    }
+
+    /// Tokens of the whole padded layout (`batch · tokens`).
+    fn padded(&self) -> usize {
+        self.pooled().len() * self.tokens()
     }
 
     /// Padded positions of the pooled tokens (`b · tokens + pooled[b]`).
@@ -405,7 +400,7 @@ impl<B: ModelBackend> ClipEncoder<B> {
             let seed = options.site_seed(1 + index as u64);
             let at = if index == last {
                 Some(TokenPositions {
-                    padded: batch * layout.tokens(),
+                    padded: layout.padded(),
                     rows: &pooled_positions,
                 })
             } else {

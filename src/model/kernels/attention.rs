@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::has_avx2_fma;
-use super::{ModelBackend, exp_approx, madd, row_sum, tensor, values};
+use super::{ModelBackend, exp_approx, madd, par_zeros, row_sum, tensor, values};
 
 /// Which keys each query attends to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,8 +259,8 @@ pub fn attention_forward(
         range,
     );
     let (q_values, k_values, v_values) = (values(q), values(k), values(v));
-    let mut output = vec![0.0f32; g.batch * g.queries * g.width()];
-    let mut probs = vec![0.0f32; g.batch * g.heads * g.queries * g.keys];
+    let mut output = par_zeros(g.batch * g.queries * g.width());
+    let mut probs = par_zeros(g.batch * g.heads * g.queries * g.keys);
     if !g.is_empty() {
         let head0 = |values: *const f32, tokens: usize| Mat::head(values, &g, tokens, 0, 0);
         let out = head0(output.as_mut_ptr(), g.queries);
@@ -325,8 +325,7 @@ pub fn attention_backward(
     );
     let (q_values, k_values, v_values) = (values(q), values(k), values(v));
     let (probs, grad_values) = (values(probs), values(grad));
-    let buffer =
-        |want: bool, tokens: usize| want.then(|| vec![0.0f32; g.batch * tokens * g.width()]);
+    let buffer = |want: bool, tokens: usize| want.then(|| par_zeros(g.batch * tokens * g.width()));
     let mut dq = buffer(want[0], g.queries);
     let mut dk = buffer(want[1], g.keys);
     let mut dv = buffer(want[2], g.keys);

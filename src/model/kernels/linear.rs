@@ -21,6 +21,24 @@ use super::{InputGrad, ModelBackend, TASK_ELEMENTS, record_one_input, tensor, va
 /// Products below this many multiply-adds run on the calling thread (burn-flex's threshold).
 const PARALLEL_WORK: usize = 192 * 192 * 192;
 
+/// Column parts of a product are multiples of this many columns (a cache line of f32).
+const PART_ALIGN: usize = 16;
+
+/// The output buffer, shared by the tasks that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+
+// SAFETY: the tasks holding it write disjoint elements (see `product_into`).
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// A method, not the field, so that closures capture the `Sync` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out[rows × n] = (out if accumulate) + lhs[rows × k] · rhs`, where `rhs` is `[k, n]` at
 /// strides (`rhs_row`, `rhs_col`); `out` has `rows · n` of capacity and is initialised by the
 /// call (it must already be when `accumulate`).
@@ -46,38 +64,59 @@ fn product_into(
     if len == 0 {
         return;
     }
-    let parallelism = if rows * n * k >= PARALLEL_WORK {
-        Parallelism::Rayon(0)
+    // Split the output's columns over the pool, one single-threaded gemm per part, rather
+    // than let gemm split the product: when the right-hand matrix is a transposed weight
+    // (the backward's `dY Wᵀ`), gemm packs all of it on the calling thread while the pool
+    // waits, once per depth block; per part, each thread packs its own columns' share.
+    let parts = if rows * n * k >= PARALLEL_WORK {
+        rayon::current_num_threads().clamp(1, n.div_ceil(PART_ALIGN))
     } else {
-        Parallelism::None
+        1
     };
-    // SAFETY: the asserts above bound every matrix inside its buffer; gemm writes each of
-    // the `len` outputs exactly once (reading them first only when `accumulate`, where they
-    // are initialised), so the length is set after the call over initialised values.
-    unsafe {
-        gemm::gemm(
-            rows,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            rhs_col,
-            rhs_row,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-        out.set_len(len);
+    let width = n.div_ceil(parts).next_multiple_of(PART_ALIGN).min(n);
+    let dst = SharedPtr(out.as_mut_ptr());
+    let part = |index: usize| {
+        let first = index * width;
+        let cols = width.min(n.saturating_sub(first));
+        if cols == 0 {
+            return;
+        }
+        // SAFETY: the asserts above bound every matrix inside its buffer; part `index`
+        // writes only the columns `first..first + cols` of each output row, which no other
+        // part touches, each exactly once (reading them first only when `accumulate`, where
+        // they are initialised).
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                k,
+                dst.get().add(first),
+                1,
+                n as isize,
+                accumulate,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                rhs.as_ptr().offset(first as isize * rhs_col),
+                rhs_col,
+                rhs_row,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+    };
+    if parts == 1 {
+        part(0);
+    } else {
+        (0..parts).into_par_iter().for_each(part);
     }
+    // SAFETY: the parts cover all `n` columns of all `rows` rows, so each of the `len`
+    // outputs is initialised.
+    unsafe { out.set_len(len) };
 }
 
 /// `x W + b` over the last dimension of `x` (`W`: `[d_in, d_out]`), for f32 tensors.
@@ -189,47 +228,56 @@ mod tests {
     }
 
     /// Frozen layers (the backbone's) go through the kernel and match burn's linear forward
-    /// and input gradient, with and without a bias, at a size gemm splits over threads and
-    /// one it does not.
+    /// and input gradient, with and without a bias, at sizes split into column parts over
+    /// the pool (widths that are not a multiple of the parts' alignment) and one that is not
+    /// split.
     #[test]
     fn kernel_matches_burn_linear_for_a_frozen_layer() {
-        let device = Default::default();
-        for (bias, [batch, tokens, d_in, d_out]) in [
-            (true, [2, 50, 96, 200]),
-            (false, [2, 50, 96, 200]),
-            (true, [1, 3, 5, 7]),
-        ] {
-            let layer: Linear<AB> = LinearConfig::new(d_in, d_out)
-                .with_bias(bias)
-                .init(&device)
-                .no_grad();
-            let x =
-                Tensor::<Flex, 3>::random([batch, tokens, d_in], Distribution::Default, &device);
-            let weights =
-                Tensor::<Flex, 3>::random([batch, tokens, d_out], Distribution::Default, &device);
-            let mut results = Vec::new();
-            for kernel in [false, true] {
-                let x = Tensor::<AB, 3>::from_inner(x.clone()).require_grad();
-                let y = if kernel {
-                    fused(&layer, x.clone())
-                } else {
-                    layer.forward(x.clone())
-                };
-                let grads = (y.clone() * Tensor::from_inner(weights.clone()))
-                    .sum()
-                    .backward();
-                results.push((y.inner(), x.grad(&grads).unwrap()));
+        // Three threads, so that the parts are uneven (601 → 208 + 208 + 185 columns).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let device = Default::default();
+            for (bias, [batch, tokens, d_in, d_out]) in [
+                (true, [2, 64, 200, 601]),
+                (false, [2, 64, 200, 601]),
+                (true, [1, 3, 5, 7]),
+            ] {
+                let layer: Linear<AB> = LinearConfig::new(d_in, d_out)
+                    .with_bias(bias)
+                    .init(&device)
+                    .no_grad();
+                let x = Tensor::<Flex, 3>::random(
+                    [batch, tokens, d_in],
+                    Distribution::Default,
+                    &device,
+                );
+                let weights = Tensor::<Flex, 3>::random(
+                    [batch, tokens, d_out],
+                    Distribution::Default,
+                    &device,
+                );
+                let mut results = Vec::new();
+                for kernel in [false, true] {
+                    let x = Tensor::<AB, 3>::from_inner(x.clone()).require_grad();
+                    let y = if kernel {
+                        fused(&layer, x.clone())
+                    } else {
+                        layer.forward(x.clone())
+                    };
+                    let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                        .sum()
+                        .backward();
+                    results.push((y.inner(), x.grad(&grads).unwrap()));
+                }
+                super::super::tests::assert_same_outputs(
+                    &results,
+                    Tolerance::<f32>::absolute(1e-5),
+                );
             }
-            let tolerance = Tolerance::<f32>::absolute(1e-5);
-            results[1]
-                .0
-                .to_data()
-                .assert_approx_eq::<f32>(&results[0].0.to_data(), tolerance);
-            results[1]
-                .1
-                .to_data()
-                .assert_approx_eq::<f32>(&results[0].1.to_data(), tolerance);
-        }
+        });
     }
 
     /// The kernels themselves against burn-flex's ops (what the autodiff test cannot tell

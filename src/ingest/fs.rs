@@ -5,8 +5,10 @@
 //! (an event, a queue overflow, a pending deadline, the periodic rescan) scans the whole inbox,
 //! so files that arrived while rsitrd was down, bursts beyond the inotify queue and subtrees
 //! copied in are all found. A file is taken when it is complete: renamed in, or closed by its
-//! writer, or (without such an event) unmodified for `settle`. After the store commit the pair
-//! moves to `done/` (or is deleted); rejects move to `rejected/` with `NAME.error.txt`.
+//! writer, or (without such an event) unmodified for `settle`; when events were lost (an
+//! overflow), every hint is forgotten and `settle` decides, so a dropped close event cannot
+//! leave a pair waiting. After the store commit the pair moves to `done/` (or is deleted);
+//! rejects move to `rejected/` with `NAME.error.txt`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::Metadata;
@@ -127,7 +129,7 @@ pub fn run_inbox(
         rejected,
         validator,
         writer,
-        hints: HashMap::new(),
+        hints: Hints::default(),
         first_seen: HashMap::new(),
         stuck: HashMap::new(),
     };
@@ -145,18 +147,19 @@ pub fn run_inbox(
             .max(Duration::from_millis(1));
         match events.recv_timeout(wait) {
             Ok(event) => {
-                let mut rescan = state.apply(event);
+                let mut lost = state.hints.apply(event);
                 while let Ok(event) = events.try_recv() {
-                    rescan |= state.apply(event);
+                    lost |= state.hints.apply(event);
                 }
-                if rescan | overflow.swap(false, Ordering::SeqCst) {
-                    tracing::info!("inbox event queue overflowed: full rescan");
+                if lost | overflow.swap(false, Ordering::SeqCst) {
+                    state.hints.lost();
                 }
                 // Coalesce a burst: a few milliseconds of quiet before the scan.
                 next_scan = Instant::now() + Duration::from_millis(20);
             }
             Err(RecvTimeoutError::Timeout) => {
                 if overflow.swap(false, Ordering::SeqCst) {
+                    state.hints.lost();
                     next_scan = Instant::now();
                 }
             }
@@ -189,7 +192,7 @@ struct Inbox {
     validator: Arc<Validator>,
     writer: StoreWriter,
     /// Per path, what events said since its last change.
-    hints: HashMap<PathBuf, Hint>,
+    hints: Hints,
     /// When this process first saw each (directory, stem) group, for the orphan timeout.
     first_seen: HashMap<(PathBuf, String), Instant>,
     /// Entries handled (rejected or stored) that could not be moved out of the inbox: skipped
@@ -222,8 +225,15 @@ fn identity_of(path: &Path) -> Option<Identity> {
     })
 }
 
-impl Inbox {
-    /// Records an event's hints; returns whether it asks for a rescan.
+/// What events said about each path since its last change: hints, since events can be lost.
+#[derive(Debug, Default)]
+struct Hints {
+    map: HashMap<PathBuf, Hint>,
+}
+
+impl Hints {
+    /// Records an event's hints; returns whether events were lost (an
+    /// error, or the kernel's queue overflowed).
     fn apply(&mut self, event: notify::Result<notify::Event>) -> bool {
         let event = match event {
             Ok(event) => event,
@@ -244,16 +254,16 @@ impl Inbox {
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
                 // paths = [from, to]
                 if let Some(to) = event.paths.get(1) {
-                    self.hints.insert(to.clone(), Hint::Complete);
+                    self.map.insert(to.clone(), Hint::Complete);
                 }
                 if let Some(from) = event.paths.first() {
-                    self.hints.remove(from);
+                    self.map.remove(from);
                 }
                 None
             }
             EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
                 for path in &event.paths {
-                    self.hints.remove(path);
+                    self.map.remove(path);
                 }
                 None
             }
@@ -261,12 +271,45 @@ impl Inbox {
         };
         if let Some(hint) = hint {
             for path in event.paths {
-                self.hints.insert(path, hint);
+                self.map.insert(path, hint);
             }
         }
         false
     }
 
+    /// Events were lost (the kernel's queue or ours overflowed): any hint may be stale. A
+    /// `Writing` whose close event was dropped would keep its pair waiting forever, so every
+    /// hint is forgotten and files are taken by the `settle` rule until new events arrive.
+    fn lost(&mut self) {
+        tracing::info!("inbox events were lost: hints forgotten, full rescan");
+        self.map.clear();
+    }
+
+    /// Whether a file is complete: closed by its writer or renamed in, or, without such a
+    /// hint, unmodified for `settle`.
+    fn settled(&self, part: &Part, settle: Duration) -> bool {
+        match self.map.get(&part.path) {
+            Some(Hint::Complete) => true,
+            Some(Hint::Writing) => false,
+            None => part
+                .modified
+                .elapsed()
+                .map(|age| age >= settle)
+                .unwrap_or(true),
+        }
+    }
+
+    fn remove(&mut self, path: &Path) {
+        self.map.remove(path);
+    }
+
+    /// Forgets the paths that are gone.
+    fn retain_existing(&mut self) {
+        self.map.retain(|path, _| path.exists());
+    }
+}
+
+impl Inbox {
     /// Scans the inbox, ingests complete pairs, rejects what breaks the contract; returns when
     /// the next scan is due for pending files (settling, waiting for a partner, retrying).
     fn scan_and_process(&mut self, cancel: &CancellationToken) -> Instant {
@@ -290,12 +333,16 @@ impl Inbox {
         }
         // Forget groups and hints that are gone.
         self.first_seen.retain(|key, _| groups.contains_key(key));
-        self.hints.retain(|path, _| path.exists());
+        self.hints.retain_existing();
 
         let mut ready = Vec::new();
         for (key, group) in groups {
             let first_seen = *self.first_seen.entry(key.clone()).or_insert(now);
-            let settled: Vec<bool> = group.parts.iter().map(|p| self.settled(p)).collect();
+            let settled: Vec<bool> = group
+                .parts
+                .iter()
+                .map(|p| self.hints.settled(p, self.config.settle))
+                .collect();
             let waiting_for = |deadline: Instant, next: &mut Instant| {
                 *next = (*next).min(deadline);
             };
@@ -473,19 +520,6 @@ impl Inbox {
             .or_insert_with(|| serde_json::Value::String(self.relative(&key.0.join(&key.1))));
         self.validator
             .validate(bytes, captions, metadata, &SOURCE.to_string(), &name)
-    }
-
-    /// Whether a file is complete.
-    fn settled(&self, part: &Part) -> bool {
-        match self.hints.get(&part.path) {
-            Some(Hint::Complete) => true,
-            Some(Hint::Writing) => false,
-            None => part
-                .modified
-                .elapsed()
-                .map(|age| age >= self.config.settle)
-                .unwrap_or(true),
-        }
     }
 
     /// Collects the inbox's files (not following links), skipping done/rejected and temporary
@@ -757,6 +791,39 @@ fn absolute(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file whose close event was lost in a queue overflow does not wait forever: once
+    /// events are known lost, its stale `Writing` hint is forgotten and it settles by age.
+    #[test]
+    fn hints_are_forgotten_when_events_are_lost() {
+        let path = PathBuf::from("/inbox/a.png");
+        let part = |age_s: u64| Part {
+            path: path.clone(),
+            role: Role::Image,
+            len: 1,
+            modified: SystemTime::now() - Duration::from_secs(age_s),
+        };
+        let settle = Duration::from_secs(1);
+        let mut hints = Hints::default();
+        let created =
+            notify::Event::new(EventKind::Create(CreateKind::File)).add_path(path.clone());
+        assert!(!hints.apply(Ok(created)), "an ordinary event loses nothing");
+        assert!(
+            !hints.settled(&part(60), settle),
+            "a file being written waits, however old"
+        );
+        // The kernel's overflow notice (or a full queue of ours) means events were dropped.
+        let overflow = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert!(hints.apply(Ok(overflow)));
+        hints.lost();
+        assert!(hints.settled(&part(60), settle), "settled by age");
+        assert!(!hints.settled(&part(0), settle), "a fresh file still waits");
+        // A close event settles a file at once.
+        let closed = notify::Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
+            .add_path(path.clone());
+        assert!(!hints.apply(Ok(closed)));
+        assert!(hints.settled(&part(0), settle));
+    }
 
     #[test]
     fn files_are_classified_by_extension() {

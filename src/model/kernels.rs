@@ -22,6 +22,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{gelu, gelu_approximate, sigmoid};
 use burn::tensor::ops::{FloatTensor, ModuleOps};
 use burn::tensor::{DType, TensorData, TensorMetadata, TensorPrimitive};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::config::HiddenAct;
@@ -624,6 +625,101 @@ macro_rules! dispatch {
             $body::<false $($(, $generic)+)?>($($arg),*)
         }
     };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-threaded products on strided matrices (gemm), for kernels that split the work
+// ---------------------------------------------------------------------------------------------
+
+/// A matrix inside a buffer: its first element and its row and column strides.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *mut f32,
+    row: isize,
+    col: isize,
+}
+
+// SAFETY: a `Mat` is an address; the tasks that share one write disjoint blocks (see the
+// callers), and reads are of buffers no task writes.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// A row-major `[rows, cols]` block.
+    fn dense(slice: &mut [f32], cols: usize) -> Self {
+        Mat {
+            ptr: slice.as_mut_ptr(),
+            row: cols as isize,
+            col: 1,
+        }
+    }
+
+    /// The same strides from `elements` further on (inside the same buffer).
+    fn skip(self, elements: usize) -> Self {
+        Mat {
+            // SAFETY: the callers stay inside the buffer.
+            ptr: unsafe { self.ptr.add(elements) },
+            ..self
+        }
+    }
+
+    /// The same matrix from column `first` on.
+    fn cols_from(self, first: usize) -> Self {
+        Mat {
+            // SAFETY: the callers pass a column inside the matrix.
+            ptr: unsafe { self.ptr.offset(first as isize * self.col) },
+            ..self
+        }
+    }
+
+    fn t(self) -> Self {
+        Mat {
+            ptr: self.ptr,
+            row: self.col,
+            col: self.row,
+        }
+    }
+}
+
+/// `dst[m×n] = (dst if accumulate) + scale · lhs[m×k] · rhs[k×n]`, on the calling thread (the
+/// callers split the work: attention across heads, the linear layers across column parts).
+///
+/// # Safety
+/// Each matrix must lie inside a live buffer at its strides, and no other thread may touch
+/// `dst`'s block during the call.
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: Mat,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+) {
+    // SAFETY: forwarded from the caller; `dst` is read only when `accumulate`. gemm ignores
+    // the `1.0` multiplying `dst` when it does not read it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col,
+            dst.row,
+            accumulate,
+            lhs.ptr,
+            lhs.col,
+            lhs.row,
+            rhs.ptr,
+            rhs.col,
+            rhs.row,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
 }
 
 mod attention;

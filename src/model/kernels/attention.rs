@@ -18,12 +18,11 @@ use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{Bool, TensorData, TensorPrimitive};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::has_avx2_fma;
-use super::{ModelBackend, exp_approx, madd, par_zeros, row_sum, tensor, values};
+use super::{Mat, ModelBackend, exp_approx, madd, par_zeros, product, row_sum, tensor, values};
 
 /// Which keys each query attends to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,19 +101,6 @@ impl Geometry {
     }
 }
 
-/// A matrix inside a buffer: its first element and its row and column strides.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *mut f32,
-    row: isize,
-    col: isize,
-}
-
-// SAFETY: a `Mat` is an address; the tasks that share one write disjoint blocks (see the
-// callers), and reads are of buffers no task writes.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
 impl Mat {
     /// Head `head` of token rows `tokens·row..` of a `[batch, tokens, width]` buffer.
     fn head(base: *const f32, g: &Geometry, tokens: usize, row: usize, head: usize) -> Self {
@@ -126,65 +112,6 @@ impl Mat {
             row: width as isize,
             col: 1,
         }
-    }
-
-    /// A row-major `[rows, cols]` block.
-    fn dense(slice: &mut [f32], cols: usize) -> Self {
-        Mat {
-            ptr: slice.as_mut_ptr(),
-            row: cols as isize,
-            col: 1,
-        }
-    }
-
-    /// The same strides from `elements` further on (inside the same buffer).
-    fn skip(self, elements: usize) -> Self {
-        Mat {
-            // SAFETY: the callers stay inside the buffer (task < batch · heads blocks).
-            ptr: unsafe { self.ptr.add(elements) },
-            ..self
-        }
-    }
-
-    fn t(self) -> Self {
-        Mat {
-            ptr: self.ptr,
-            row: self.col,
-            col: self.row,
-        }
-    }
-}
-
-/// `dst[m×n] = scale · lhs[m×k] · rhs[k×n]`, on the calling thread (the parallelism is across
-/// heads).
-///
-/// # Safety
-/// Each matrix must lie inside a live buffer at its strides, and no other thread may touch
-/// `dst`'s block during the call.
-unsafe fn product(m: usize, n: usize, k: usize, dst: Mat, lhs: Mat, rhs: Mat, scale: f32) {
-    // SAFETY: forwarded from the caller; `read_dst = false` never reads `dst`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.ptr,
-            dst.col,
-            dst.row,
-            false,
-            lhs.ptr,
-            lhs.col,
-            lhs.row,
-            rhs.ptr,
-            rhs.col,
-            rhs.row,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
     }
 }
 
@@ -279,20 +206,18 @@ pub fn attention_forward(
                 // probabilities and its own head's columns of its own row of the output.
                 unsafe {
                     product(
-                        g.queries,
-                        g.keys,
-                        g.head_dim,
+                        [g.queries, g.keys, g.head_dim],
                         Mat::dense(p, g.keys),
+                        false,
                         at(qm, g.queries),
                         at(km, g.keys).t(),
                         g.scale(),
                     );
                     softmax_rows(p, g.keys, &|query| range.visible(row, query, g.keys));
                     product(
-                        g.queries,
-                        g.head_dim,
-                        g.keys,
+                        [g.queries, g.head_dim, g.keys],
                         at(out, g.queries),
+                        false,
                         Mat::dense(p, g.keys),
                         at(vm, g.keys),
                         1.0,
@@ -360,10 +285,9 @@ pub fn attention_backward(
                     if let Some(dvm) = dvm {
                         // dV = Pᵀ dO
                         product(
-                            g.keys,
-                            g.head_dim,
-                            g.queries,
+                            [g.keys, g.head_dim, g.queries],
                             at(dvm, g.keys),
+                            false,
                             p.t(),
                             d_out,
                             1.0,
@@ -375,10 +299,9 @@ pub fn attention_backward(
                     // dP = dO Vᵀ, then dS (scaled) in its place
                     let ds = Mat::dense(scratch, g.keys);
                     product(
-                        g.queries,
-                        g.keys,
-                        g.head_dim,
+                        [g.queries, g.keys, g.head_dim],
                         ds,
+                        false,
                         d_out,
                         at(vm, g.keys).t(),
                         1.0,
@@ -389,10 +312,9 @@ pub fn attention_backward(
                     if let Some(dqm) = dqm {
                         // dQ = dS K
                         product(
-                            g.queries,
-                            g.head_dim,
-                            g.keys,
+                            [g.queries, g.head_dim, g.keys],
                             at(dqm, g.queries),
+                            false,
                             ds,
                             at(km, g.keys),
                             1.0,
@@ -401,10 +323,9 @@ pub fn attention_backward(
                     if let Some(dkm) = dkm {
                         // dK = dSᵀ Q
                         product(
-                            g.keys,
-                            g.head_dim,
-                            g.queries,
+                            [g.keys, g.head_dim, g.queries],
                             at(dkm, g.keys),
+                            false,
                             ds.t(),
                             at(qm, g.queries),
                             1.0,

@@ -13,31 +13,17 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, ModuleOps};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{InputGrad, ModelBackend, TASK_ELEMENTS, record_one_input, tensor, values};
+use super::{
+    InputGrad, Mat, ModelBackend, TASK_ELEMENTS, product, record_one_input, tensor, values,
+};
 
 /// Products below this many multiply-adds run on the calling thread (burn-flex's threshold).
 const PARALLEL_WORK: usize = 192 * 192 * 192;
 
 /// Column parts of a product are multiples of this many columns (a cache line of f32).
 const PART_ALIGN: usize = 16;
-
-/// The output buffer, shared by the tasks that write disjoint columns of it.
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-
-// SAFETY: the tasks holding it write disjoint elements (see `product_into`).
-unsafe impl Send for SharedPtr {}
-unsafe impl Sync for SharedPtr {}
-
-impl SharedPtr {
-    /// A method, not the field, so that closures capture the `Sync` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// `out[rows × n] = (out if accumulate) + lhs[rows × k] · rhs`, where `rhs` is `[k, n]` at
 /// strides (`rhs_row`, `rhs_col`); `out` has `rows · n` of capacity and is initialised by the
@@ -74,38 +60,39 @@ fn product_into(
         1
     };
     let width = n.div_ceil(parts).next_multiple_of(PART_ALIGN).min(n);
-    let dst = SharedPtr(out.as_mut_ptr());
+    let dst = Mat {
+        ptr: out.as_mut_ptr(),
+        row: n as isize,
+        col: 1,
+    };
+    let lhs = Mat {
+        ptr: lhs.as_ptr() as *mut f32,
+        row: k as isize,
+        col: 1,
+    };
+    let rhs = Mat {
+        ptr: rhs.as_ptr() as *mut f32,
+        row: rhs_row,
+        col: rhs_col,
+    };
     let part = |index: usize| {
         let first = index * width;
         let cols = width.min(n.saturating_sub(first));
         if cols == 0 {
             return;
         }
-        // SAFETY: the asserts above bound every matrix inside its buffer; part `index`
-        // writes only the columns `first..first + cols` of each output row, which no other
-        // part touches, each exactly once (reading them first only when `accumulate`, where
-        // they are initialised).
+        // SAFETY: the asserts above bound every matrix inside its buffer (`lhs` and `rhs`
+        // are only read); part `index` writes only the columns `first..first + cols` of each
+        // output row, which no other part touches, each exactly once (reading them first
+        // only when `accumulate`, where they are initialised).
         unsafe {
-            gemm::gemm(
-                rows,
-                cols,
-                k,
-                dst.get().add(first),
-                1,
-                n as isize,
+            product(
+                [rows, cols, k],
+                dst.cols_from(first),
                 accumulate,
-                lhs.as_ptr(),
-                1,
-                k as isize,
-                rhs.as_ptr().offset(first as isize * rhs_col),
-                rhs_col,
-                rhs_row,
+                lhs,
+                rhs.cols_from(first),
                 1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::None,
             );
         }
     };

@@ -146,3 +146,56 @@ fn bench_reports_every_requested_part() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown part `speed`"), "{stderr}");
 }
+
+/// The GPU check's script runs only where a device is lent (minutes of device time), so a
+/// renamed flag or output would be found there, too late: its stages run here on the CPU,
+/// with the tiny model in place of both random-weight sizes.
+#[test]
+fn gpu_check_script_runs_every_stage_on_the_cpu() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(common::repo_root().join("tests/cuda_check.sh"))
+        .current_dir(common::repo_root())
+        .env("DEVICE", "cpu")
+        .env("BIN", env!("CARGO_BIN_EXE_rsitrd"))
+        .env("BENCH_MODEL", fixture("tiny-clip"))
+        .env("B32_ITERS", "1")
+        .env("L14_ITERS", "1")
+        .env("OUT", out_dir.path())
+        .env("RSITRD_SHARED_DIR", common::shared_dir())
+        .output()
+        .expect("run bash");
+    let read = |name: &str| std::fs::read_to_string(out_dir.path().join(name)).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "stages:\n{}\n{}",
+        read("stages.tsv"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stages: Vec<Vec<String>> = read("stages.tsv")
+        .lines()
+        .map(|line| line.split('\t').map(str::to_string).collect())
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|s| s[0].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "embed-cpu",
+            "embed-device",
+            "compare",
+            "bench-b32",
+            "e2e",
+            "bench-l14"
+        ]
+    );
+    assert!(stages.iter().all(|s| s[1] == "0"), "{stages:?}");
+    assert!(read("compare.txt").starts_with("inputs 5 max_abs_diff 0"));
+    for bench in ["bench-b32.json", "bench-l14.json"] {
+        let report: serde_json::Value = serde_json::from_str(&read(bench)).unwrap();
+        let pairs = report["train_pairs_per_s"].as_f64().unwrap_or(f64::NAN);
+        assert!(pairs > 0.0, "{bench}: {report}");
+    }
+    let e2e: serde_json::Value = serde_json::from_str(&read("e2e.json")).unwrap();
+    assert_eq!(e2e["device"], "cpu", "{e2e}");
+    assert!(e2e["train_promote_s"].as_f64().is_some(), "{e2e}");
+}

@@ -3,25 +3,84 @@
 #   1. builds with --features cuda (unless BIN names a binary built so);
 #   2. embeds rs-mini images and captions with the tiny model on CPU and on CUDA and compares
 #      the normalized embeddings (max abs difference must be <= 1e-3; 3.7e-4 measured on an H200);
-#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA (ViT-L/14 at the end);
+#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA, f32 (the only
+#      precision rsitrd runs: the frozen backbone has no f16/bf16 option yet);
 #   4. runs the daemon end to end on CUDA (tests/daemon_e2e.py: inbox ingest -> embed -> train
-#      -> gate -> promote -> re-embed -> search), with the tiny model and an embedded index.
-# Results go to $OUT (default ./cuda-check-out): cpu.jsonl, cuda.jsonl, compare.txt, bench-cuda.json,
-# e2e-cuda.json and e2e-cuda.log, and autotune/ (cubecl's tuning results: carry it and set
-# AUTOTUNE_CACHE to it next time).
-set -euo pipefail
+#      -> gate -> promote -> re-embed -> search), with the tiny model and an embedded index;
+#   5. times ViT-L/14 last.
+# Every stage runs under its own time limit, all of them after the build within TOTAL_S
+# (default 300: the 5 minutes issue #15 gives the check), and the script goes on after a
+# failed stage, so that one slow stage cannot use up a device session: $OUT/stages.tsv lists
+# each stage's exit status (124: over its limit; "skipped": no time left) and seconds, and the
+# script fails at the end if any stage did.
+# Results go to $OUT (default ./cuda-check-out): stages.tsv, cpu.jsonl, device.jsonl,
+# compare.txt, bench-b32.json, e2e.json, e2e.log, bench-l14.json, one .err file per stage, and
+# autotune/ (cubecl's tuning results: carry it and set AUTOTUNE_CACHE to it next time).
+#
+# DEVICE=cpu runs the same stages on the CPU to check the script itself on a machine without a
+# GPU (B32_ITERS=1 L14_ITERS=0: about 30 s on 2 cores); BENCH_MODEL=DIR times that model in
+# place of both random-weight sizes (tests/cli.rs runs the script so, with the tiny fixture).
+set -uo pipefail
 OUT="${OUT:-cuda-check-out}"
+DEVICE="${DEVICE:-cuda}"
+B32_ITERS="${B32_ITERS:-5}"
+L14_ITERS="${L14_ITERS:-2}"
+TOTAL_S="${TOTAL_S:-300}"
 mkdir -p "$OUT"
+: > "$OUT/stages.tsv"
 export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-12080}"
+# cudarc loads libnvrtc at run time; on the lent machines it sits in the toolkit's lib64,
+# which is not on the loader's path (seen on the H200, 2026-11-27).
+if [ -d /usr/local/cuda/lib64 ]; then
+  export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+# cubecl times candidate kernels for each new matmul and reduction key; on a fresh machine
+# that took longer than a whole device session (2026-11-27). At the "minimal" level
+# (CUBECL_AUTOTUNE_LEVEL, read by cubecl-runtime 0.10's config) its keys round the shapes to
+# powers of 2.5 instead of 2 (`tune::util::anchor`), so fewer keys are tuned.
+export CUBECL_AUTOTUNE_LEVEL="${CUBECL_AUTOTUNE_LEVEL:-minimal}"
+
+failed=0
+deadline=
+# stage NAME SECONDS OUTFILE COMMAND...: runs COMMAND under a limit (SECONDS, or what is left of
+# TOTAL_S once the deadline is set), stdout to OUTFILE (and the terminal), stderr to
+# $OUT/NAME.err, and records the outcome.
+stage() {
+  local name="$1" limit="$2" outfile="$3"
+  shift 3
+  local started=$SECONDS status
+  if [ -n "$deadline" ]; then
+    local left=$((deadline - SECONDS))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 5 ]; then
+      printf '%s\tskipped\t0\n' "$name" >> "$OUT/stages.tsv"
+      echo "== $name skipped: TOTAL_S (${TOTAL_S}s) is used up" >&2
+      failed=1
+      return 1
+    fi
+  fi
+  echo "== $name (limit ${limit}s)" >&2
+  timeout --kill-after=10 "$limit" "$@" 2> "$OUT/$name.err" | tee "$outfile"
+  status=${PIPESTATUS[0]}
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - started))" >> "$OUT/stages.tsv"
+  if [ "$status" -ne 0 ]; then
+    failed=1
+    echo "== $name failed with status $status (124: over its limit); its stderr:" >&2
+    tail -n 20 "$OUT/$name.err" >&2
+  fi
+  return "$status"
+}
+
 # BIN: a binary already built with --features cuda (e.g. carried to a machine without cargo).
 if [ -z "${BIN:-}" ]; then
-  cargo build --release --features cuda
+  features=()
+  [ "$DEVICE" = cpu ] || features=(--features cuda)
+  stage build 480 "$OUT/build.log" cargo build --release "${features[@]}" || exit 1
   BIN=target/release/rsitrd
 fi
 # cubecl keeps its autotune results under target/autotune (the target directory of the
-# project it runs in). A fresh machine has none, and tuning every matmul shape of a ViT took
-# longer than a device session's timeout: seed it from AUTOTUNE_CACHE (a copy carried from an
-# earlier run) and copy it to $OUT as it grows, so that the next run can carry it.
+# project it runs in). Seed it from AUTOTUNE_CACHE (a copy carried from an earlier run) and
+# copy it to $OUT as it grows, so that the next run can carry it.
 if [ -n "${AUTOTUNE_CACHE:-}" ] && [ -d "$AUTOTUNE_CACHE" ]; then
   mkdir -p target
   cp -r "$AUTOTUNE_CACHE" target/autotune
@@ -29,30 +88,39 @@ fi
 (while sleep 15; do [ -d target/autotune ] && cp -r target/autotune "$OUT/"; done) &
 saver=$!
 trap 'kill $saver 2>/dev/null; [ -d target/autotune ] && cp -r target/autotune "$OUT/"' EXIT
+
+deadline=$((SECONDS + TOTAL_S))
 SHARED="${RSITRD_SHARED_DIR:-../shared}"
 args=(--model tests/fixtures/tiny-clip --json)
 for f in "$SHARED"/data/rs-mini/images/ucm_1.tif "$SHARED"/data/rs-mini/images/rsicd_00001.jpg "$SHARED"/data/rs-mini/images/sydney_1.tif; do
   args+=(--image "$f")
 done
 args+=(--text "a football field surrounded by buildings" --text "some green trees are around a stadium with a baseball field .")
-"$BIN" embed --device cpu "${args[@]}" > "$OUT/cpu.jsonl"
-"$BIN" embed --device cuda "${args[@]}" > "$OUT/cuda.jsonl"
-python3 - "$OUT" <<'PY' | tee "$OUT/compare.txt"
+stage embed-cpu 60 "$OUT/cpu.jsonl" "$BIN" embed --device cpu "${args[@]}"
+stage embed-device 90 "$OUT/device.jsonl" "$BIN" embed --device "$DEVICE" "${args[@]}"
+stage compare 20 "$OUT/compare.txt" python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
 cpu = [json.loads(l) for l in open(f"{out}/cpu.jsonl")]
-gpu = [json.loads(l) for l in open(f"{out}/cuda.jsonl")]
+gpu = [json.loads(l) for l in open(f"{out}/device.jsonl")]
 worst = max(abs(a - b) for x, y in zip(cpu, gpu) for a, b in zip(x["embedding"], y["embedding"]))
 print(f"inputs {len(cpu)} max_abs_diff {worst:.3g}")
 # cubecl autotunes its matmul kernels (other accumulation orders than the CPU gemm):
 # measured 3.7e-4 on an H200; 1e-3 is the bound.
 sys.exit(0 if worst <= 1e-3 and len(cpu) == len(gpu) == 5 else 1)
 PY
-"$BIN" bench --device cuda --preset vit-b-32 --batch-size 16 --iterations 10 \
-  --captions "$SHARED/data/rs-mini/dataset.json" | tee "$OUT/bench-cuda.json"
-python3 tests/daemon_e2e.py --bin "$BIN" --device cuda --log "$OUT/e2e-cuda.log" \
-  --mini "$SHARED/data/rs-mini" | tee "$OUT/e2e-cuda.json"
+# size PRESET: the bench's model arguments.
+size() { if [ -n "${BENCH_MODEL:-}" ]; then echo --model "$BENCH_MODEL"; else echo --preset "$1"; fi; }
+stage bench-b32 120 "$OUT/bench-b32.json" "$BIN" bench --device "$DEVICE" $(size vit-b-32) \
+  --batch-size 16 --iterations "$B32_ITERS" --captions "$SHARED/data/rs-mini/dataset.json"
+stage e2e 90 "$OUT/e2e.json" python3 tests/daemon_e2e.py --bin "$BIN" --device "$DEVICE" \
+  --log "$OUT/e2e.log" --mini "$SHARED/data/rs-mini"
 # ViT-L/14 last: its matmul shapes are new to the autotune cache, and what came before must
 # not wait on them.
-"$BIN" bench --device cuda --preset ViT-L-14 --batch-size 16 --iterations 5 \
-  --captions "$SHARED/data/rs-mini/dataset.json" | tee "$OUT/bench-cuda-l14.json"
+if [ "$L14_ITERS" -gt 0 ]; then
+  stage bench-l14 120 "$OUT/bench-l14.json" "$BIN" bench --device "$DEVICE" $(size ViT-L-14) \
+    --batch-size 16 --iterations "$L14_ITERS" --captions "$SHARED/data/rs-mini/dataset.json"
+fi
+echo "== stages (name, exit status, seconds):" >&2
+cat "$OUT/stages.tsv" >&2
+exit "$failed"

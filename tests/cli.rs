@@ -161,11 +161,13 @@ fn gpu_check_script_runs_every_stage_on_the_cpu() {
         .env("BENCH_MODEL", fixture("tiny-clip"))
         .env("B32_ITERS", "1")
         .env("L14_ITERS", "1")
-        .env("OUT", out_dir.path())
+        .env("RESULTS", out_dir.path().join("results"))
+        .env("ARCHIVE", out_dir.path().join("check.tar.gz"))
         .env("RSITRD_SHARED_DIR", common::shared_dir())
         .output()
         .expect("run bash");
-    let read = |name: &str| std::fs::read_to_string(out_dir.path().join(name)).unwrap_or_default();
+    let results = out_dir.path().join("results");
+    let read = |name: &str| std::fs::read_to_string(results.join(name)).unwrap_or_default();
     assert!(
         out.status.success(),
         "stages:\n{}\n{}",
@@ -198,4 +200,14 @@ fn gpu_check_script_runs_every_stage_on_the_cpu() {
     let e2e: serde_json::Value = serde_json::from_str(&read("e2e.json")).unwrap();
     assert_eq!(e2e["device"], "cpu", "{e2e}");
     assert!(e2e["train_promote_s"].as_f64().is_some(), "{e2e}");
+    // What a device session brings back: one archive of every result.
+    let listed = std::process::Command::new("tar")
+        .arg("tzf")
+        .arg(out_dir.path().join("check.tar.gz"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for name in ["stages.tsv", "bench-b32.json", "e2e.json", "e2e.log"] {
+        assert!(listed.contains(&format!("./{name}")), "{name} in {listed}");
+    }
 }

@@ -10,24 +10,28 @@
 #   5. times ViT-L/14 last.
 # Every stage runs under its own time limit, all of them after the build within TOTAL_S
 # (default 300: the 5 minutes issue #15 gives the check), and the script goes on after a
-# failed stage, so that one slow stage cannot use up a device session: $OUT/stages.tsv lists
+# failed stage, so that one slow stage cannot use up a device session: $RESULTS/stages.tsv lists
 # each stage's exit status (124: over its limit; "skipped": no time left) and seconds, and the
 # script fails at the end if any stage did.
-# Results go to $OUT (default ./cuda-check-out): stages.tsv, cpu.jsonl, device.jsonl,
+# Results go to $RESULTS (default ./cuda-check-out): stages.tsv, cpu.jsonl, device.jsonl,
 # compare.txt, bench-b32.json, e2e.json, e2e.log, bench-l14.json, one .err file per stage, and
-# autotune/ (cubecl's tuning results: carry it and set AUTOTUNE_CACHE to it next time).
+# autotune/ (cubecl's tuning results: carry it and set AUTOTUNE_CACHE to it next time). With
+# ARCHIVE=FILE they are also packed into one .tar.gz at the end (a device session brings back
+# at most 8 files from its $OUT).
+#
+# On a lent device: tests/cuda_pack.sh prepares what travels (see there).
 #
 # DEVICE=cpu runs the same stages on the CPU to check the script itself on a machine without a
 # GPU (B32_ITERS=1 L14_ITERS=0: about 30 s on 2 cores); BENCH_MODEL=DIR times that model in
 # place of both random-weight sizes (tests/cli.rs runs the script so, with the tiny fixture).
 set -uo pipefail
-OUT="${OUT:-cuda-check-out}"
+RESULTS="${RESULTS:-cuda-check-out}"
 DEVICE="${DEVICE:-cuda}"
 B32_ITERS="${B32_ITERS:-5}"
 L14_ITERS="${L14_ITERS:-2}"
 TOTAL_S="${TOTAL_S:-300}"
-mkdir -p "$OUT"
-: > "$OUT/stages.tsv"
+mkdir -p "$RESULTS"
+: > "$RESULTS/stages.tsv"
 export CUDARC_CUDA_VERSION="${CUDARC_CUDA_VERSION:-12080}"
 # cudarc loads libnvrtc at run time; on the lent machines it sits in the toolkit's lib64,
 # which is not on the loader's path (seen on the H200, 2026-11-27).
@@ -44,7 +48,7 @@ failed=0
 deadline=
 # stage NAME SECONDS OUTFILE COMMAND...: runs COMMAND under a limit (SECONDS, or what is left of
 # TOTAL_S once the deadline is set), stdout to OUTFILE (and the terminal), stderr to
-# $OUT/NAME.err, and records the outcome.
+# $RESULTS/NAME.err, and records the outcome.
 stage() {
   local name="$1" limit="$2" outfile="$3"
   shift 3
@@ -53,41 +57,57 @@ stage() {
     local left=$((deadline - SECONDS))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 5 ]; then
-      printf '%s\tskipped\t0\n' "$name" >> "$OUT/stages.tsv"
+      printf '%s\tskipped\t0\n' "$name" >> "$RESULTS/stages.tsv"
       echo "== $name skipped: TOTAL_S (${TOTAL_S}s) is used up" >&2
       failed=1
       return 1
     fi
   fi
   echo "== $name (limit ${limit}s)" >&2
-  timeout --kill-after=10 "$limit" "$@" 2> "$OUT/$name.err" | tee "$outfile"
+  timeout --kill-after=10 "$limit" "$@" 2> "$RESULTS/$name.err" | tee "$outfile"
   status=${PIPESTATUS[0]}
-  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - started))" >> "$OUT/stages.tsv"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - started))" >> "$RESULTS/stages.tsv"
   if [ "$status" -ne 0 ]; then
     failed=1
     echo "== $name failed with status $status (124: over its limit); its stderr:" >&2
-    tail -n 20 "$OUT/$name.err" >&2
+    tail -n 20 "$RESULTS/$name.err" >&2
   fi
   return "$status"
 }
 
-# BIN: a binary already built with --features cuda (e.g. carried to a machine without cargo).
+# BIN: a binary already built with --features cuda (e.g. carried to a machine without cargo),
+# or an xz-compressed one (tests/cuda_pack.sh), unpacked with Python's lzma (the device
+# machines have Python).
+if [ -n "${BIN:-}" ] && [ "${BIN%.xz}" != "$BIN" ]; then
+  unpacked="${TMPDIR:-/tmp}/rsitrd-cuda-check-bin"
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$BIN" "$unpacked" || exit 1
+  chmod +x "$unpacked"
+  BIN="$unpacked"
+fi
 if [ -z "${BIN:-}" ]; then
   features=()
   [ "$DEVICE" = cpu ] || features=(--features cuda)
-  stage build 480 "$OUT/build.log" cargo build --release "${features[@]}" || exit 1
+  stage build 480 "$RESULTS/build.log" cargo build --release "${features[@]}" || exit 1
   BIN=target/release/rsitrd
 fi
 # cubecl keeps its autotune results under target/autotune (the target directory of the
 # project it runs in). Seed it from AUTOTUNE_CACHE (a copy carried from an earlier run) and
-# copy it to $OUT as it grows, so that the next run can carry it.
+# copy it to $RESULTS as it grows, so that the next run can carry it.
 if [ -n "${AUTOTUNE_CACHE:-}" ] && [ -d "$AUTOTUNE_CACHE" ]; then
   mkdir -p target
   cp -r "$AUTOTUNE_CACHE" target/autotune
 fi
-(while sleep 15; do [ -d target/autotune ] && cp -r target/autotune "$OUT/"; done) &
+(while sleep 15; do [ -d target/autotune ] && cp -r target/autotune "$RESULTS/"; done) &
 saver=$!
-trap 'kill $saver 2>/dev/null; [ -d target/autotune ] && cp -r target/autotune "$OUT/"' EXIT
+finish() {
+  kill "$saver" 2>/dev/null
+  [ -d target/autotune ] && cp -r target/autotune "$RESULTS/"
+  if [ -n "${ARCHIVE:-}" ]; then
+    tar czf "$ARCHIVE" -C "$RESULTS" .
+  fi
+}
+trap finish EXIT
 
 deadline=$((SECONDS + TOTAL_S))
 SHARED="${RSITRD_SHARED_DIR:-../shared}"
@@ -96,9 +116,9 @@ for f in "$SHARED"/data/rs-mini/images/ucm_1.tif "$SHARED"/data/rs-mini/images/r
   args+=(--image "$f")
 done
 args+=(--text "a football field surrounded by buildings" --text "some green trees are around a stadium with a baseball field .")
-stage embed-cpu 60 "$OUT/cpu.jsonl" "$BIN" embed --device cpu "${args[@]}"
-stage embed-device 90 "$OUT/device.jsonl" "$BIN" embed --device "$DEVICE" "${args[@]}"
-stage compare 20 "$OUT/compare.txt" python3 - "$OUT" <<'PY'
+stage embed-cpu 60 "$RESULTS/cpu.jsonl" "$BIN" embed --device cpu "${args[@]}"
+stage embed-device 90 "$RESULTS/device.jsonl" "$BIN" embed --device "$DEVICE" "${args[@]}"
+stage compare 20 "$RESULTS/compare.txt" python3 - "$RESULTS" <<'PY'
 import json, sys
 out = sys.argv[1]
 cpu = [json.loads(l) for l in open(f"{out}/cpu.jsonl")]
@@ -111,16 +131,16 @@ sys.exit(0 if worst <= 1e-3 and len(cpu) == len(gpu) == 5 else 1)
 PY
 # size PRESET: the bench's model arguments.
 size() { if [ -n "${BENCH_MODEL:-}" ]; then echo --model "$BENCH_MODEL"; else echo --preset "$1"; fi; }
-stage bench-b32 120 "$OUT/bench-b32.json" "$BIN" bench --device "$DEVICE" $(size vit-b-32) \
+stage bench-b32 120 "$RESULTS/bench-b32.json" "$BIN" bench --device "$DEVICE" $(size vit-b-32) \
   --batch-size 16 --iterations "$B32_ITERS" --captions "$SHARED/data/rs-mini/dataset.json"
-stage e2e 90 "$OUT/e2e.json" python3 tests/daemon_e2e.py --bin "$BIN" --device "$DEVICE" \
-  --log "$OUT/e2e.log" --mini "$SHARED/data/rs-mini"
+stage e2e 90 "$RESULTS/e2e.json" python3 tests/daemon_e2e.py --bin "$BIN" --device "$DEVICE" \
+  --log "$RESULTS/e2e.log" --mini "$SHARED/data/rs-mini"
 # ViT-L/14 last: its matmul shapes are new to the autotune cache, and what came before must
 # not wait on them.
 if [ "$L14_ITERS" -gt 0 ]; then
-  stage bench-l14 120 "$OUT/bench-l14.json" "$BIN" bench --device "$DEVICE" $(size ViT-L-14) \
+  stage bench-l14 120 "$RESULTS/bench-l14.json" "$BIN" bench --device "$DEVICE" $(size ViT-L-14) \
     --batch-size 16 --iterations "$L14_ITERS" --captions "$SHARED/data/rs-mini/dataset.json"
 fi
 echo "== stages (name, exit status, seconds):" >&2
-cat "$OUT/stages.tsv" >&2
+cat "$RESULTS/stages.tsv" >&2
 exit "$failed"

@@ -23,8 +23,10 @@ xz -T0 -6 -f "$PACK/rsitrd"
 rm -rf "$PACK/shared/data/rs-mini"
 cp -r "$SHARED/data/rs-mini" "$PACK/shared/data/"
 # The whole tree that travels: tracked files, untracked files git does not ignore, the pack.
-tree=$( (git ls-files -z --cached --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null |
-  tail -n 1 | cut -f1) || echo 0)
+# One du over the whole list (xargs could split it and print several totals); a tracked file
+# deleted in the work tree does not travel, so du's complaint about it is dropped.
+tree=$(git ls-files -z --cached --others --exclude-standard |
+  { du -cb --files0-from=- 2>/dev/null || true; } | tail -n 1 | cut -f1)
 pack=$(du -sb "$PACK" | cut -f1)
 echo "device-pack: $((pack / 1024 / 1024)) MiB; with the working tree: $(((tree + pack) / 1024 / 1024)) MiB of 64"
 if [ $((tree + pack)) -ge $((64 * 1024 * 1024)) ]; then

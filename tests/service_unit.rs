@@ -19,6 +19,11 @@ fn every_directory_the_service_writes_is_writable_under_its_hardening() {
         .iter()
         .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
         .collect();
+    let is_writable = |dir: &str| {
+        writable
+            .iter()
+            .any(|w| std::path::Path::new(dir).starts_with(w))
+    };
     let environment: std::collections::BTreeMap<String, String> = values("Environment")
         .iter()
         .filter_map(|v| v.split_once('='))
@@ -35,17 +40,13 @@ fn every_directory_the_service_writes_is_writable_under_its_hardening() {
             .get(key)
             .unwrap_or_else(|| panic!("the unit sets no {key}"));
         assert!(
-            writable
-                .iter()
-                .any(|w| std::path::Path::new(dir).starts_with(w)),
+            is_writable(dir),
             "{key}={dir} is outside ReadWritePaths {writable:?}"
         );
     }
     let workdir = values("WorkingDirectory");
     assert!(
-        workdir.iter().all(|d| writable
-            .iter()
-            .any(|w| std::path::Path::new(d).starts_with(w))),
+        workdir.iter().all(|d| is_writable(d)),
         "WorkingDirectory {workdir:?} outside {writable:?}"
     );
 }

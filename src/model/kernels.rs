@@ -746,8 +746,15 @@ fn exp_approx<const FMA: bool>(x: f32) -> f32 {
     p = madd::<FMA>(p, r, 1.666_666_5e-1);
     p = madd::<FMA>(p, r, 0.5);
     let p = madd::<FMA>(p, r * r, r) + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ: the clamp keeps n in -126..=128. Added to 1.5·2²³ + 127, n + 127 lands in the low
+    // mantissa bits of an exactly representable float, and the shift moves them into the
+    // exponent. `n as i32` would give the same bits, but its saturating, NaN-checking
+    // conversion compiles to scalar code and stops the loop vectorising (issue #15).
+    p * f32::from_bits((n + EXP_BIAS_SHIFT).to_bits() << 23)
 }
+
+/// `1.5 · 2²³ + 127`: see [`exp_approx`].
+const EXP_BIAS_SHIFT: f32 = 12_583_039.0;
 
 /// An element-wise activation with a kernel: its value and derivative at one input.
 trait Pointwise {

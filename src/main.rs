@@ -320,6 +320,7 @@ enum Command {
 }
 
 fn main() {
+    rsitrd::model::device::tune_cpu_allocator();
     init_tracing();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {

@@ -137,6 +137,7 @@ impl<B: ModelBackend> Trainer<B> {
         self.training.store(true, Ordering::SeqCst);
         let result = self.run_once(&ledger);
         self.training.store(false, Ordering::SeqCst);
+        crate::model::device::release_free_memory();
         result
     }
 

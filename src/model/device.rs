@@ -182,37 +182,4 @@ mod tests {
         );
         assert!("tpu".parse::<DeviceChoice>().is_err());
     }
-
-    /// An activation-sized buffer freed and allocated again is the same memory, with no
-    /// page faulted in afresh (counted by the kernel for this thread).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[test]
-    fn freed_activations_are_reused_without_page_faults() {
-        fn thread_page_faults() -> i64 {
-            // SAFETY: getrusage writes only the struct it is given.
-            unsafe {
-                let mut usage: libc::rusage = std::mem::zeroed();
-                assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, &mut usage), 0);
-                usage.ru_minflt
-            }
-        }
-        /// Allocates `size` bytes, writes every byte, frees them; the page faults it took.
-        fn touch(size: usize) -> i64 {
-            let before = thread_page_faults();
-            let buffer = vec![1u8; size];
-            std::hint::black_box(&buffer);
-            drop(buffer);
-            thread_page_faults() - before
-        }
-        tune_cpu_allocator();
-        for size in [4 << 20, 20 << 20] {
-            let pages = (size / 4096) as i64;
-            let first = touch(size);
-            let again = touch(size);
-            assert!(
-                again < pages / 10,
-                "{size} bytes again: {again} page faults (first time {first}, {pages} pages)"
-            );
-        }
-    }
 }

@@ -3,8 +3,9 @@
 # and then PyTorch (tests/bench_torch.py) back to back, so that a noisy shared machine moves
 # them together; prints each round's figures and the medians of the ratios to PyTorch.
 #   PYTHON=/path/to/venv/bin/python bench/rounds.sh ROUNDS BINARY...
-# AVX2=1 limits PyTorch to AVX2 (for binaries built without burn-flex's x86-v4 feature, the
-# AVX2 stand-in of docs/PERFORMANCE.md).
+# AVX2=1 limits PyTorch to AVX2 (for binaries built with `--no-default-features`, i.e. without
+# the x86-v4 feature that brings gemm's AVX-512 kernels: the AVX2 stand-in of
+# docs/PERFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

@@ -9,6 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::Serialize;
 
+use crate::model::device::BackbonePrecision;
 use crate::model::kernels::TrainBackend;
 use crate::model::{AdapterConfig, ClipConfig, ClipModel, ClipTokenizer, LossConfig, tokenizer};
 use crate::train::AdapterTrainer;
@@ -32,6 +33,9 @@ pub struct BenchOptions {
     /// Captions to embed / train on (cycled).
     pub captions: Vec<String>,
     pub seed: u64,
+    /// Float type of the frozen blocks' products (image, text, train and linear parts; the
+    /// matmul part is the backend's f32 product).
+    pub precision: BackbonePrecision,
 }
 
 /// Results; rates are per second, memory in MiB.
@@ -39,6 +43,8 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub device: String,
     pub config: String,
+    /// `f32`, `bf16` or `f16` ([`BenchOptions::precision`]).
+    pub backbone_precision: String,
     pub batch_size: usize,
     pub iterations: usize,
     pub image_embed_per_s: Option<f64>,
@@ -89,6 +95,7 @@ pub fn run<AB: TrainBackend>(
     description: String,
 ) -> BenchReport {
     AB::seed(device, options.seed);
+    let model = model.with_backbone_precision(options.precision);
     let tokenizer = ClipTokenizer::new(config.text_config.max_position_embeddings);
     let size = config.vision_config.image_size;
     let patch = config.vision_config.patch_size;
@@ -105,6 +112,7 @@ pub fn run<AB: TrainBackend>(
     let mut report = BenchReport {
         device: format!("{device:?}"),
         config: description,
+        backbone_precision: options.precision.to_string(),
         batch_size: options.batch_size,
         iterations,
         image_embed_per_s: None,
@@ -212,6 +220,7 @@ pub fn run<AB: TrainBackend>(
             config,
             options.batch_size,
             iterations,
+            options.precision,
             device,
         ));
     }
@@ -226,6 +235,7 @@ fn linear_gflops<B: crate::model::kernels::ModelBackend>(
     config: &ClipConfig,
     batch_size: usize,
     iterations: usize,
+    precision: BackbonePrecision,
     device: &B::Device,
 ) -> f64 {
     use burn::tensor::TensorPrimitive;
@@ -246,11 +256,17 @@ fn linear_gflops<B: crate::model::kernels::ModelBackend>(
             .into_primitive()
             .tensor()
     };
+    // The weights in the backbone's precision, as `ClipModel::with_backbone_precision`
+    // stores them.
+    let weight = |dims: [usize; 2]| match precision.narrow_dtype() {
+        Some(dtype) => B::float_cast(matrix(dims), dtype),
+        None => matrix(dims),
+    };
     let (x, w1, b1, w2, b2) = (
         matrix([m, width]),
-        matrix([width, inner]),
+        weight([width, inner]),
         bias(inner),
-        matrix([inner, width]),
+        weight([inner, width]),
         bias(width),
     );
     let (grad_hidden, grad_out) = (matrix([m, inner]), matrix([m, width]));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DEFAULT_EMBED_BATCH;
-use crate::model::device::DeviceChoice;
+use crate::model::device::{BackbonePrecision, DeviceChoice};
 use crate::model::preprocess::DEFAULT_MAX_PIXELS;
 
 /// Prefix of environment overrides: `RSITRD__MODEL__DEVICE=cuda` sets `model.device`.
@@ -674,6 +674,10 @@ pub struct ModelSection {
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default)]
     pub device: DeviceChoice,
+    /// Float type of the frozen blocks' products: `f32`, or `bf16`/`f16` (mixed precision,
+    /// for GPUs; the CPU converts them to f32 and back).
+    #[serde(default)]
+    pub backbone_precision: BackbonePrecision,
     /// Largest accepted image in pixels (width × height).
     #[serde(default = "default_max_pixels")]
     pub max_pixels: u64,
@@ -710,6 +714,7 @@ impl Default for ModelSection {
             adapter: None,
             adapter_dir: None,
             device: DeviceChoice::default(),
+            backbone_precision: BackbonePrecision::default(),
             max_pixels: default_max_pixels(),
             max_aspect_ratio: default_max_aspect_ratio(),
             embed_batch_size: default_embed_batch(),
@@ -960,12 +965,14 @@ mod tests {
             env(&[
                 ("RSITRD__MODEL__DEVICE", "cuda:1"),
                 ("RSITRD__MODEL__MAX_PIXELS", "1000"),
+                ("RSITRD__MODEL__BACKBONE_PRECISION", "bf16"),
                 ("OTHER", "x"),
             ]),
         )
         .unwrap();
         assert_eq!(config.model.device, DeviceChoice::Cuda(1));
         assert_eq!(config.model.max_pixels, 1000);
+        assert_eq!(config.model.backbone_precision, BackbonePrecision::Bf16);
     }
 
     #[test]
@@ -973,6 +980,14 @@ mod tests {
         let error = Config::load(None, env(&[("RSITRD__MODEL__DEVICE", "tpu")])).unwrap_err();
         assert!(
             error.to_string().contains("unknown device `tpu`"),
+            "{error}"
+        );
+        let error =
+            Config::load(None, env(&[("RSITRD__MODEL__BACKBONE_PRECISION", "fp8")])).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("unknown backbone precision `fp8`"),
             "{error}"
         );
         let error = Config::load(None, env(&[("RSITRD__MODEL__COLOUR", "red")])).unwrap_err();

@@ -76,6 +76,7 @@ where
                 config.model.adapter.as_deref(),
                 config.training.seed,
                 config.model.embed_batch_size,
+                config.model.backbone_precision,
                 &device,
             )?);
             let (owner, handle, commands) =

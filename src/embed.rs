@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::model::Embedder;
+use crate::model::device::BackbonePrecision;
 use crate::model::kernels::ModelBackend;
 use crate::model::preprocess::{ImageLimits, load_image};
 
@@ -19,6 +20,7 @@ pub struct EmbedJob<'a> {
     pub order: &'a [(bool, usize)],
     pub max_pixels: u64,
     pub batch_size: usize,
+    pub precision: BackbonePrecision,
 }
 
 /// Embeds the job's inputs and writes one JSON line per input, in command-line order:
@@ -37,11 +39,12 @@ pub fn embed_lines<B: ModelBackend>(
         order,
         max_pixels,
         batch_size,
+        precision,
     } = *job;
     if images.is_empty() && texts.is_empty() {
         bail!("nothing to embed: give at least one --image or --text");
     }
-    let mut embedder = Embedder::<B>::load(model, adapter, device)?;
+    let mut embedder = Embedder::<B>::load(model, adapter, precision, device)?;
     embedder.batch_size = batch_size;
     let size = embedder.image_size();
     let pixels: Vec<Vec<f32>> = images

@@ -9,7 +9,7 @@ use rsitrd::config::Config;
 use rsitrd::data::{Dataset, Split};
 use rsitrd::model::LossKind;
 use rsitrd::model::config::backbone_params;
-use rsitrd::model::device::DeviceChoice;
+use rsitrd::model::device::{BackbonePrecision, DeviceChoice};
 use rsitrd::model::kernels::ModelBackend;
 
 use rsitrd::model::{AdapterConfig, ClipConfig, Embedder, hub};
@@ -97,6 +97,10 @@ enum Command {
         /// cpu, cuda or cuda:N. Default: model.device of the configuration.
         #[arg(long)]
         device: Option<DeviceChoice>,
+        /// f32, bf16 or f16: float type of the frozen blocks' products (bf16/f16 for GPUs).
+        /// Default: model.backbone_precision of the configuration.
+        #[arg(long)]
+        backbone_precision: Option<BackbonePrecision>,
         #[arg(long, default_value_t = 30)]
         epochs: usize,
         #[arg(long, default_value_t = 16)]
@@ -304,6 +308,10 @@ enum Command {
         /// cpu, cuda or cuda:N. Default: model.device of the configuration.
         #[arg(long)]
         device: Option<DeviceChoice>,
+        /// f32, bf16 or f16: float type of the frozen blocks' products (bf16/f16 for GPUs).
+        /// Default: model.backbone_precision of the configuration.
+        #[arg(long)]
+        backbone_precision: Option<BackbonePrecision>,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
         #[arg(long, default_value_t = 3)]
@@ -351,6 +359,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
     let config = Config::from_process(cli.config.as_deref())?;
     let model_of = |model: Option<String>| model.unwrap_or_else(|| config.model.dir.clone());
     let device_of = |device: Option<DeviceChoice>| device.unwrap_or(config.model.device);
+    let precision_of =
+        |precision: Option<BackbonePrecision>| precision.unwrap_or(config.model.backbone_precision);
     let pixels_of = |max: Option<u64>| max.unwrap_or(config.model.max_pixels);
     match cli.command {
         Command::Params {
@@ -397,6 +407,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 order: &order,
                 max_pixels: pixels_of(max_pixels),
                 batch_size: config.model.embed_batch_size,
+                precision: config.model.backbone_precision,
             };
             with_backend!(device_of(device), B, device => rsitrd::embed::embed_lines::<B>(&device, &job, &mut std::io::stdout().lock()))
         }
@@ -407,6 +418,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             out,
             adapter,
             device,
+            backbone_precision,
             epochs,
             batch_size,
             lr,
@@ -443,6 +455,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 adapter,
                 adapter_config,
                 device: device.to_string(),
+                backbone_precision: precision_of(backbone_precision),
                 epochs,
                 batch_size,
                 lr,
@@ -499,7 +512,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             let adapter = adapter.or_else(|| config.model.adapter.clone());
             let dataset = Dataset::load(&dataset, &images)?;
             let max_pixels = pixels_of(max_pixels);
-            with_backend!(device_of(device), B, device => eval_command::<B>(&device, &model, adapter.as_deref(), &dataset, split, json, max_pixels))
+            if dataset.split(split).is_empty() {
+                bail!("the dataset has no `{split}` images");
+            }
+            let precision = config.model.backbone_precision;
+            with_backend!(device_of(device), B, device => {
+                let embedder = Embedder::<B>::load(&model, adapter.as_deref(), precision, &device)?;
+                eval_command::<B>(&embedder, &dataset, split, json, max_pixels)
+            })
         }
         Command::Run => {
             let model = hub::resolve_model(&config.model.dir)?;
@@ -595,6 +615,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             model,
             preset,
             device,
+            backbone_precision,
             batch_size,
             iterations,
             only,
@@ -624,6 +645,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
                 linear: parts.contains(&"linear"),
                 captions,
                 seed,
+                precision: precision_of(backbone_precision),
             };
             let model = model.map(|spec| hub::resolve_model(&spec)).transpose()?;
             with_backend!(device_of(device), B, device => bench_command::<B>(&device, model.as_deref(), &preset, &options))
@@ -998,20 +1020,14 @@ fn input_order(matches: &ArgMatches, images: usize, texts: usize) -> Vec<(bool, 
 }
 
 fn eval_command<B: ModelBackend>(
-    device: &B::Device,
-    model: &Path,
-    adapter: Option<&Path>,
+    embedder: &Embedder<B>,
     dataset: &Dataset,
     split: Split,
     json: bool,
     max_pixels: u64,
 ) -> Result<()> {
     let images = dataset.split(split);
-    if images.is_empty() {
-        bail!("the dataset has no `{split}` images");
-    }
-    let embedder = Embedder::<B>::load(model, adapter, device)?;
-    let metrics = rsitrd::eval::evaluate(&embedder, dataset, &images, max_pixels)?;
+    let metrics = rsitrd::eval::evaluate(embedder, dataset, &images, max_pixels)?;
     if json {
         println!("{}", serde_json::to_string(&metrics)?);
     } else {
@@ -1042,6 +1058,7 @@ fn bench_command<B: ModelBackend>(
     options: &bench::BenchOptions,
 ) -> Result<()> {
     type AB<B> = Autodiff<B>;
+    options.precision.check::<B>(device)?;
     let (model, config, adapter, description) = match model_dir {
         Some(dir) => {
             let config = ClipConfig::from_model_dir(dir)?;

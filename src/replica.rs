@@ -109,6 +109,7 @@ where
                 config.model.adapter.as_deref(),
                 config.training.seed,
                 config.model.embed_batch_size,
+                config.model.backbone_precision,
                 &device,
             )?;
             // Until the alias is read: nothing served (version u64::MAX matches no alias).

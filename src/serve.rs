@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::model::device::BackbonePrecision;
 use crate::model::kernels::ModelBackend;
 use crate::model::kernels::TrainBackend;
 use arc_swap::ArcSwap;
@@ -54,21 +55,23 @@ pub struct Backbone<B: Backend> {
 impl<B: ModelBackend> Backbone<B> {
     /// Loads `model_dir` once. The adapter shape comes from `adapter` (an existing checkpoint
     /// to continue) or is the default for the backbone; `seed` draws the untrained adapter's
-    /// down projections.
+    /// down projections; the blocks' products run in `precision`.
     pub fn load(
         model_dir: &Path,
         adapter: Option<&Path>,
         seed: u64,
         batch_size: usize,
+        precision: BackbonePrecision,
         device: &B::Device,
     ) -> Result<Self, WeightsError> {
+        precision.check::<B>(device)?;
         let clip = ClipConfig::from_model_dir(model_dir)?;
         let adapter_config = match adapter {
             Some(path) => weights::read_adapter_meta(path)?.adapter,
             None => AdapterConfig::default_for(&clip),
         };
         let loaded = weights::load_clip::<B>(model_dir, &adapter_config, device)?;
-        let mut model = loaded.model;
+        let mut model = loaded.model.with_backbone_precision(precision);
         model.adapter = adapter_config.init_seeded(&loaded.config, seed, device);
         let mut untrained = Embedder::from_parts(
             model,

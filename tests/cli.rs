@@ -145,6 +145,25 @@ fn bench_reports_every_requested_part() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown part `speed`"), "{stderr}");
+
+    let out = rsitrd()
+        .args([
+            "bench",
+            "--only",
+            "image",
+            "--backbone-precision",
+            "fp8",
+            "--model",
+        ])
+        .arg(fixture("tiny-clip"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown backbone precision `fp8`"),
+        "{stderr}"
+    );
 }
 
 /// The GPU check's script runs only where a device is lent (minutes of device time), so a
@@ -187,15 +206,28 @@ fn gpu_check_script_runs_every_stage_on_the_cpu() {
             "compare",
             "bench-b32",
             "e2e",
+            "embed-bf16",
+            "compare-bf16",
+            "bench-b32-bf16",
             "bench-l14"
         ]
     );
     assert!(stages.iter().all(|s| s[1] == "0"), "{stages:?}");
     assert!(read("compare.txt").starts_with("inputs 5 max_abs_diff 0"));
-    for bench in ["bench-b32.json", "bench-l14.json"] {
+    assert!(
+        read("compare-bf16.txt").starts_with("inputs 5 min_cosine 0.99"),
+        "{}",
+        read("compare-bf16.txt")
+    );
+    for (bench, precision) in [
+        ("bench-b32.json", "f32"),
+        ("bench-b32-bf16.json", "bf16"),
+        ("bench-l14.json", "f32"),
+    ] {
         let report: serde_json::Value = serde_json::from_str(&read(bench)).unwrap();
         let pairs = report["train_pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         assert!(pairs > 0.0, "{bench}: {report}");
+        assert_eq!(report["backbone_precision"], precision, "{bench}: {report}");
     }
     let e2e: serde_json::Value = serde_json::from_str(&read("e2e.json")).unwrap();
     assert_eq!(e2e["device"], "cpu", "{e2e}");

@@ -3,18 +3,20 @@
 #   1. builds with --features cuda (unless BIN names a binary built so);
 #   2. embeds rs-mini images and captions with the tiny model on CPU and on CUDA and compares
 #      the normalized embeddings (max abs difference must be <= 1e-3; 3.7e-4 measured on an H200);
-#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA, f32 (the only
-#      precision rsitrd runs: the frozen backbone has no f16/bf16 option yet);
+#   3. times ViT-B/32 (random weights) embedding and adapter training on CUDA, f32;
 #   4. runs the daemon end to end on CUDA (tests/daemon_e2e.py: inbox ingest -> embed -> train
 #      -> gate -> promote -> re-embed -> search), with the tiny model and an embedded index;
-#   5. times ViT-L/14 last.
+#   5. with the frozen blocks in bf16 (model.backbone_precision): compares the embeddings with
+#      the CPU's f32 ones (cosine >= 0.99) and times ViT-B/32 again;
+#   6. times ViT-L/14 last (f32).
 # Every stage runs under its own time limit, all of them after the build within TOTAL_S
 # (default 300: the 5 minutes issue #15 gives the check), and the script goes on after a
 # failed stage, so that one slow stage cannot use up a device session: $RESULTS/stages.tsv lists
 # each stage's exit status (124: over its limit; "skipped": no time left) and seconds, and the
 # script fails at the end if any stage did.
 # Results go to $RESULTS (default ./cuda-check-out): stages.tsv, cpu.jsonl, device.jsonl,
-# compare.txt, bench-b32.json, e2e.json, e2e.log, bench-l14.json, one .err file per stage, and
+# compare.txt, bench-b32.json, e2e.json, e2e.log, bf16.jsonl, compare-bf16.txt,
+# bench-b32-bf16.json, bench-l14.json, one .err file per stage, and
 # autotune/ (cubecl's tuning results: carry it and set AUTOTUNE_CACHE to it next time). With
 # ARCHIVE=FILE they are also packed into one .tar.gz at the end (a device session brings back
 # at most 8 files from its $OUT).
@@ -135,6 +137,26 @@ stage bench-b32 120 "$RESULTS/bench-b32.json" "$BIN" bench --device "$DEVICE" $(
   --batch-size 16 --iterations "$B32_ITERS" --captions "$SHARED/data/rs-mini/dataset.json"
 stage e2e 90 "$RESULTS/e2e.json" python3 tests/daemon_e2e.py --bin "$BIN" --device "$DEVICE" \
   --log "$RESULTS/e2e.log" --mini "$SHARED/data/rs-mini"
+# The frozen blocks' products in bf16 (model.backbone_precision): the embeddings against the
+# CPU's f32 ones, then the same ViT-B/32 bench.
+stage embed-bf16 90 "$RESULTS/bf16.jsonl" env RSITRD__MODEL__BACKBONE_PRECISION=bf16 \
+  "$BIN" embed --device "$DEVICE" "${args[@]}"
+stage compare-bf16 20 "$RESULTS/compare-bf16.txt" python3 - "$RESULTS" <<'PY'
+import json, math, sys
+out = sys.argv[1]
+cpu = [json.loads(l) for l in open(f"{out}/cpu.jsonl")]
+bf16 = [json.loads(l) for l in open(f"{out}/bf16.jsonl")]
+# Both are L2-normalized: the dot product is the cosine.
+cosines = [sum(a * b for a, b in zip(x["embedding"], y["embedding"])) for x, y in zip(cpu, bf16)]
+worst = max(abs(a - b) for x, y in zip(cpu, bf16) for a, b in zip(x["embedding"], y["embedding"]))
+print(f"inputs {len(bf16)} min_cosine {min(cosines):.6f} max_abs_diff {worst:.3g}")
+# bf16 keeps 8 bits of mantissa: the tiny model's embeddings stay within cosine 0.999 of f32
+# on the CPU (tests/cli.rs); 0.99 is the bound. Identical ones would mean f32 ran.
+sys.exit(0 if len(cpu) == len(bf16) == 5 and min(cosines) >= 0.99 and worst > 0 else 1)
+PY
+stage bench-b32-bf16 120 "$RESULTS/bench-b32-bf16.json" "$BIN" bench --device "$DEVICE" \
+  $(size vit-b-32) --backbone-precision bf16 --batch-size 16 --iterations "$B32_ITERS" \
+  --captions "$SHARED/data/rs-mini/dataset.json"
 # ViT-L/14 last: its matmul shapes are new to the autotune cache, and what came before must
 # not wait on them.
 if [ "$L14_ITERS" -gt 0 ]; then

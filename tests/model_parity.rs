@@ -66,7 +66,8 @@ fn check_model(model: &str) {
 fn check_dir(model: &str, dir: &std::path::Path) {
     let reference = reference(model);
     let device = Default::default();
-    let embedder = Embedder::<Flex>::load(dir, None, &device).expect("load tiny clip");
+    let embedder =
+        Embedder::<Flex>::load(dir, None, Default::default(), &device).expect("load tiny clip");
     assert_eq!(embedder.image_size(), reference.image_size);
 
     // Images: preprocessing, then embeddings.
@@ -215,7 +216,7 @@ fn open_clip_training_checkpoint_l14_gelu_matches_open_clip() {
     let moved =
         rsitrd::model::openclip::prepare_dir(&copy, Some("auto"), elsewhere.path()).unwrap();
     let fingerprint = |dir: &std::path::Path| {
-        Embedder::<Flex>::load(dir, None, &Default::default())
+        Embedder::<Flex>::load(dir, None, Default::default(), &Default::default())
             .unwrap()
             .base
             .fingerprint
@@ -224,7 +225,7 @@ fn open_clip_training_checkpoint_l14_gelu_matches_open_clip() {
     // The wrong architecture named: refused, the mismatched tensors named.
     let wrong =
         rsitrd::model::openclip::prepare_dir(&file, Some("ViT-B-32"), cache.path()).unwrap();
-    let error = Embedder::<Flex>::load(&wrong, None, &Default::default())
+    let error = Embedder::<Flex>::load(&wrong, None, Default::default(), &Default::default())
         .err()
         .expect("a ViT-B/32 cannot hold these weights")
         .to_string();
@@ -242,7 +243,8 @@ fn check_synthetic_pixels(model: &str, dir: &std::path::Path) {
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    let embedder = Embedder::<Flex>::load(dir, None, &Default::default()).unwrap();
+    let embedder =
+        Embedder::<Flex>::load(dir, None, Default::default(), &Default::default()).unwrap();
     let size = embedder.image_size();
     let mut pixels = Vec::with_capacity(3 * size * size);
     for c in 0..3 {
@@ -285,7 +287,7 @@ fn a_hostile_open_clip_file_is_refused_with_its_name() {
         // Named architecture: the load refuses, naming the file.
         let model =
             rsitrd::model::openclip::prepare_dir(&file, Some("ViT-B-32"), dir.path()).unwrap();
-        let error = Embedder::<Flex>::load(&model, None, &Default::default())
+        let error = Embedder::<Flex>::load(&model, None, Default::default(), &Default::default())
             .err()
             .expect("not a checkpoint")
             .to_string();

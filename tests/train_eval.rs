@@ -306,8 +306,13 @@ fn identical_captions_of_different_images_tie_the_same_way_whatever_the_batching
         image.captions[0] = shared.to_string();
     }
     let images: Vec<_> = dataset.images.iter().collect();
-    let mut embedder =
-        Embedder::<Flex>::load(&fixture("tiny-clip"), None, &Default::default()).unwrap();
+    let mut embedder = Embedder::<Flex>::load(
+        &fixture("tiny-clip"),
+        None,
+        Default::default(),
+        &Default::default(),
+    )
+    .unwrap();
     let mut results = Vec::new();
     for batch in [1, 7, 64] {
         embedder.batch_size = batch;

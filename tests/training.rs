@@ -256,7 +256,7 @@ fn adapter_checkpoint_round_trips_and_is_refused_elsewhere() {
     assert_eq!(tensors.names().len(), 10);
 
     // Loading it reproduces the trained embeddings.
-    let reloaded = Embedder::<B>::load(&dir, Some(&path), &device).unwrap();
+    let reloaded = Embedder::<B>::load(&dir, Some(&path), Default::default(), &device).unwrap();
     assert_eq!(reloaded.adapter_version(), 3);
     let texts = ["a playground next to buildings", "green farmland"];
     let expected = embedder_from(trained, &config).embed_texts(&texts);
@@ -271,10 +271,15 @@ fn adapter_checkpoint_round_trips_and_is_refused_elsewhere() {
         weights::read_adapter_meta(&path).unwrap().base_architecture,
         weights::architecture_of(&config)
     );
-    let error = Embedder::<B>::load(&fixture("tiny-clip-gelu"), Some(&path), &device)
-        .err()
-        .expect("must refuse another base model")
-        .to_string();
+    let error = Embedder::<B>::load(
+        &fixture("tiny-clip-gelu"),
+        Some(&path),
+        Default::default(),
+        &device,
+    )
+    .err()
+    .expect("must refuse another base model")
+    .to_string();
     assert!(error.contains("trained on base model"), "{error}");
     assert!(
         error.contains("ViT d48 L2 p32 @256"),
@@ -315,8 +320,8 @@ fn nonzero_adapter_changes_embeddings() {
     let _serial = serial();
     let device = Default::default();
     let dir = fixture("tiny-clip");
-    let plain = Embedder::<B>::load(&dir, None, &device).unwrap();
-    let mut shifted = Embedder::<B>::load(&dir, None, &device).unwrap();
+    let plain = Embedder::<B>::load(&dir, None, Default::default(), &device).unwrap();
+    let mut shifted = Embedder::<B>::load(&dir, None, Default::default(), &device).unwrap();
     let up = &mut shifted.model.adapter.shared_up;
     up.bias = Some(burn::module::Param::from_tensor(
         Tensor::ones(up.bias.as_ref().unwrap().dims(), &device) * 0.5,
@@ -357,6 +362,7 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
             None,
             seed,
             8,
+            Default::default(),
             &device,
         )
         .unwrap()
@@ -413,8 +419,15 @@ fn ema_keeps_the_candidate_near_the_parent_and_the_schedule_is_applied() {
     let store = synthetic_store(temp.path(), 400, |i| vec![format!("synthetic tile {i}")]);
     let samples = store.samples_in(None).unwrap();
     let device = Default::default();
-    let backbone =
-        rsitrd::serve::Backbone::<B>::load(&fixture("tiny-clip"), None, 7, 8, &device).unwrap();
+    let backbone = rsitrd::serve::Backbone::<B>::load(
+        &fixture("tiny-clip"),
+        None,
+        7,
+        8,
+        Default::default(),
+        &device,
+    )
+    .unwrap();
     let parent = backbone.untrained();
     let run = |config: TrainingSection| {
         train_candidate::<AB>(

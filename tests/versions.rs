@@ -102,8 +102,17 @@ fn rig(env: &[(&str, &str)]) -> Rig {
     store.commit_batch(&mini_ops()).unwrap();
     let index = rsitrd::index::open(&config.index, &config.store.dir).unwrap();
     let device = Default::default();
-    let backbone =
-        Arc::new(Backbone::<B>::load(&common::fixture("tiny-clip"), None, 42, 8, &device).unwrap());
+    let backbone = Arc::new(
+        Backbone::<B>::load(
+            &common::fixture("tiny-clip"),
+            None,
+            42,
+            8,
+            Default::default(),
+            &device,
+        )
+        .unwrap(),
+    );
     std::fs::create_dir_all(config.adapters_dir()).unwrap();
     let cancel = CancellationToken::new();
     let (owner, handle, commands) = Owner::start(
@@ -608,8 +617,15 @@ fn a_state_file_of_an_earlier_release_is_migrated_into_the_ledger() {
     .unwrap();
     store.commit_batch(&mini_ops()).unwrap();
     let device = Default::default();
-    let backbone =
-        Backbone::<B>::load(&common::fixture("tiny-clip"), None, 42, 8, &device).unwrap();
+    let backbone = Backbone::<B>::load(
+        &common::fixture("tiny-clip"),
+        None,
+        42,
+        8,
+        Default::default(),
+        &device,
+    )
+    .unwrap();
     let adapter = random_adapter(&backbone, 5, 1, 0);
     let old_path = config.adapters_dir().join("v1.safetensors");
     rsitrd::model::weights::save_adapter(

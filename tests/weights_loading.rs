@@ -139,8 +139,20 @@ fn missing_weights_file_is_explained() {
 fn pytorch_pickle_checkpoint_loads_like_safetensors() {
     use rsitrd::model::Embedder;
     let device = Default::default();
-    let pickle = Embedder::<Flex>::load(&fixture("tiny-clip-gelu-bin"), None, &device).unwrap();
-    let safe = Embedder::<Flex>::load(&fixture("tiny-clip-gelu"), None, &device).unwrap();
+    let pickle = Embedder::<Flex>::load(
+        &fixture("tiny-clip-gelu-bin"),
+        None,
+        Default::default(),
+        &device,
+    )
+    .unwrap();
+    let safe = Embedder::<Flex>::load(
+        &fixture("tiny-clip-gelu"),
+        None,
+        Default::default(),
+        &device,
+    )
+    .unwrap();
     let texts = [
         "a baseball stadium",
         "dense residential area with a railway",

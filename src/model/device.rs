@@ -1,4 +1,5 @@
-//! Run-time choice of the compute device: the flex CPU backend, or CUDA (feature `cuda`).
+//! Run-time choice of the compute device (the flex CPU backend, or CUDA with feature `cuda`)
+//! and of the precision of the frozen backbone's products.
 
 use std::fmt;
 use std::str::FromStr;
@@ -106,6 +107,99 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// Float type of the frozen backbone's block weights (q/k/v/out projections and MLP layers,
+/// ~95 % of a ViT's FLOPs), in which their products run.
+///
+/// `bf16`/`f16` is mixed precision as PyTorch's autocast does it: the input is rounded to
+/// the weight's type for the product (accumulated in f32 by the GPU's tensor cores), and the
+/// output comes back as f32; LayerNorm, softmax, residuals, the adapter, its gradients and the
+/// loss stay f32. For GPUs: the CPU backend has no half-precision products (it converts to
+/// f32 and back, slower than `f32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum BackbonePrecision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl BackbonePrecision {
+    /// The weights' float type; `None` for f32 (left as loaded).
+    pub fn narrow_dtype(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            Self::F32 => None,
+            Self::Bf16 => Some(burn::tensor::FloatDType::BF16),
+            Self::F16 => Some(burn::tensor::FloatDType::F16),
+        }
+    }
+
+    /// Refuses a precision that `device` cannot compute in (e.g. bf16 before NVIDIA Ampere).
+    pub fn check<B: burn::tensor::backend::Backend>(
+        self,
+        device: &B::Device,
+    ) -> Result<(), PrecisionError> {
+        match self.narrow_dtype() {
+            Some(dtype) if !B::supports_dtype(device, dtype.into()) => {
+                Err(PrecisionError::Unsupported {
+                    precision: self,
+                    device: format!("{device:?}"),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The backbone precision cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PrecisionError {
+    #[error("unknown backbone precision `{0}` (expected f32, bf16 or f16)")]
+    Unknown(String),
+    #[error(
+        "the device {device} has no {precision} arithmetic: use model.backbone_precision = \"f32\""
+    )]
+    Unsupported {
+        precision: BackbonePrecision,
+        device: String,
+    },
+}
+
+impl FromStr for BackbonePrecision {
+    type Err = PrecisionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            other => Err(PrecisionError::Unknown(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for BackbonePrecision {
+    type Error = PrecisionError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<BackbonePrecision> for String {
+    fn from(value: BackbonePrecision) -> Self {
+        value.to_string()
+    }
+}
+
+impl fmt::Display for BackbonePrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
 /// Checks that a CUDA device works before anything else touches it: burn panics on first use
 /// of a missing driver, which we turn into an error.
 #[cfg(feature = "cuda")]
@@ -181,5 +275,20 @@ mod tests {
             DeviceChoice::Cuda(2)
         );
         assert!("tpu".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn parses_precisions_and_the_cpu_computes_in_each() {
+        for (text, precision) in [
+            ("f32", BackbonePrecision::F32),
+            ("bf16", BackbonePrecision::Bf16),
+            ("f16", BackbonePrecision::F16),
+        ] {
+            assert_eq!(text.parse::<BackbonePrecision>().unwrap(), precision);
+            assert_eq!(precision.to_string(), text);
+            assert!(precision.check::<Cpu>(&Default::default()).is_ok());
+        }
+        assert!("fp8".parse::<BackbonePrecision>().is_err());
+        assert_eq!(BackbonePrecision::default(), BackbonePrecision::F32);
     }
 }

@@ -140,13 +140,14 @@ pub trait ModelBackend: Backend {
         }
     }
 
-    /// The linear forward kernel; `None` where the backend has none.
+    /// The linear forward kernel; `None` where the backend has none. Every backend has the
+    /// mixed-precision one, for a weight narrower than its input.
     fn linear_kernel(
-        _x: &FloatTensor<Self>,
-        _w: &FloatTensor<Self>,
-        _b: Option<&FloatTensor<Self>>,
+        x: &FloatTensor<Self>,
+        w: &FloatTensor<Self>,
+        b: Option<&FloatTensor<Self>>,
     ) -> Option<FloatTensor<Self>> {
-        None
+        linear::mixed_forward::<Self>(x, w, b)
     }
 
     /// The input gradient `dY Wᵀ` of a linear layer (burn's op unless the backend has a kernel).
@@ -243,11 +244,17 @@ impl ModelBackend for Flex {
 
     fn linear_kernel(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> Option<FlexTensor> {
         let f32s = is_f32(x) && is_f32(w) && b.is_none_or(is_f32);
-        f32s.then(|| linear::linear_forward(x, w, b))
+        match f32s {
+            true => Some(linear::linear_forward(x, w, b)),
+            false => linear::mixed_forward::<Self>(x, w, b),
+        }
     }
 
     fn linear_input_grad(w: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        linear::linear_input_backward(&w, &grad)
+        match is_f32(&w) && is_f32(&grad) {
+            true => linear::linear_input_backward(&w, &grad),
+            false => linear::linear_input_grad_composite::<Self>(w, grad),
+        }
     }
 
     fn activation_grad(x: FlexTensor, grad: FlexTensor, act: HiddenAct) -> FlexTensor {

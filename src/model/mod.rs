@@ -67,12 +67,14 @@ pub struct Embedder<B: Backend> {
 
 impl<B: ModelBackend> Embedder<B> {
     /// Loads the backbone from `model_dir` and, if given, an adapter checkpoint (whose
-    /// metadata decides the adapter shape).
+    /// metadata decides the adapter shape); the blocks' products run in `precision`.
     pub fn load(
         model_dir: &Path,
         adapter: Option<&Path>,
+        precision: device::BackbonePrecision,
         device: &B::Device,
     ) -> Result<Self, WeightsError> {
+        precision.check::<B>(device)?;
         let clip_config = ClipConfig::from_model_dir(model_dir)?;
         let (adapter_config, meta) = match adapter {
             Some(path) => {
@@ -82,7 +84,7 @@ impl<B: ModelBackend> Embedder<B> {
             None => (AdapterConfig::default_for(&clip_config), None),
         };
         let loaded = weights::load_clip::<B>(model_dir, &adapter_config, device)?;
-        let mut model = loaded.model;
+        let mut model = loaded.model.with_backbone_precision(precision);
         let adapter_meta = match meta {
             Some(path) => Some(weights::load_adapter(
                 &mut model,

@@ -30,6 +30,8 @@ const META_KEY: &str = "rsitrd.adapter";
 pub enum WeightsError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Precision(#[from] super::device::PrecisionError),
     #[error(
         "no weights in {dir}: expected model.safetensors (or pytorch_model.bin) next to config.json"
     )]

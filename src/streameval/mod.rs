@@ -302,6 +302,7 @@ where
             reference.config.model.adapter.as_deref(),
             seed,
             reference.config.model.embed_batch_size,
+            reference.config.model.backbone_precision,
             device,
         )?);
         let max_pixels = reference.config.model.max_pixels;
@@ -622,6 +623,7 @@ fn joint<B: ModelBackend>(
         adapter: reference.config.model.adapter.clone(),
         adapter_config: backbone.adapter_config().clone(),
         device: format!("{device:?}"),
+        backbone_precision: reference.config.model.backbone_precision,
         epochs,
         batch_size: batch,
         lr: training.lr,

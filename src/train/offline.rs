@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Dataset, DatasetImage, Split, load_pixels};
 use crate::eval::{RetrievalMetrics, evaluate};
 use crate::model::clip::mix_seed;
+use crate::model::device::BackbonePrecision;
 use crate::model::kernels::TrainBackend;
 use crate::model::weights::{self, AdapterMeta, LoadedClip};
 use crate::model::{
@@ -64,6 +65,9 @@ pub struct TrainConfig {
     pub adapter: Option<PathBuf>,
     pub adapter_config: AdapterConfig,
     pub device: String,
+    /// Float type of the frozen blocks' products (absent in runs saved before it existed).
+    #[serde(default)]
+    pub backbone_precision: BackbonePrecision,
     pub epochs: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -329,11 +333,15 @@ pub fn train<AB: TrainBackend>(
     // random down projections must be the same in a resumed run's first attempt.
     AB::seed(device, config.seed);
     let LoadedClip {
-        mut model,
+        model,
         config: clip_config,
         logit_scale,
         base,
     } = weights::load_clip::<AB>(&config.model, &config.adapter_config, device)?;
+    (config.backbone_precision)
+        .check::<AB>(device)
+        .map_err(weights::WeightsError::from)?;
+    let mut model = model.with_backbone_precision(config.backbone_precision);
     let parent = match &config.adapter {
         Some(path) => Some(weights::load_adapter(
             &mut model,

@@ -7,11 +7,15 @@
 //! written into its rows first so that gemm adds the product to it, and the backward of a
 //! frozen layer computes `dX = dY Wᵀ` the same way. A layer whose weight or bias is trained
 //! keeps burn's op.
+//!
+//! A frozen weight stored in bf16/f16 (`model.backbone_precision`) takes the mixed-precision
+//! path on any backend: [`mixed_forward`] and [`mixed_input_grad`].
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
+use burn::tensor::TensorMetadata;
 use burn::tensor::ops::{FloatTensor, ModuleOps};
 use rayon::prelude::*;
 
@@ -174,12 +178,56 @@ fn weight_dims(w: &FlexTensor) -> [usize; 2] {
     [shape[0], shape[1]]
 }
 
-/// `dY Wᵀ` in burn's ops (any backend).
+/// `dY Wᵀ` in burn's ops (any backend); mixed precision when `w` is narrower than `grad`.
 pub fn linear_input_grad_composite<B: Backend>(
     w: FloatTensor<B>,
     grad: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    B::linear_x_backward(w, grad)
+    match mixed_input_grad::<B>(&w, &grad) {
+        Some(dx) => dx,
+        None => B::linear_x_backward(w, grad),
+    }
+}
+
+/// `x W + b` for a weight stored in another float type than `x` (a frozen bf16/f16 weight,
+/// [`crate::model::device::BackbonePrecision`]): `x` is rounded to the weight's type, the
+/// product runs in it, and the output comes back in `x`'s type, where the bias (never
+/// narrowed) is added. `None` when the types agree.
+pub fn mixed_forward<B: Backend>(
+    x: &FloatTensor<B>,
+    w: &FloatTensor<B>,
+    b: Option<&FloatTensor<B>>,
+) -> Option<FloatTensor<B>> {
+    let (wide, narrow) = (x.dtype(), w.dtype());
+    if wide == narrow {
+        return None;
+    }
+    let product = B::linear(B::float_cast(x.clone(), narrow.into()), w.clone(), None);
+    let y = B::float_cast(product, wide.into());
+    Some(match b {
+        Some(b) => {
+            let mut dims = vec![1; y.shape().num_dims()];
+            *dims
+                .last_mut()
+                .expect("a linear output has a last dimension") = b.shape().num_elements();
+            let bias = B::float_reshape(B::float_cast(b.clone(), wide.into()), dims.into());
+            B::float_add(y, bias)
+        }
+        None => y,
+    })
+}
+
+/// `dY Wᵀ` for a weight stored in another float type than the gradient (see
+/// [`mixed_forward`]), returned in the gradient's type; `None` when the types agree.
+pub fn mixed_input_grad<B: Backend>(
+    w: &FloatTensor<B>,
+    grad: &FloatTensor<B>,
+) -> Option<FloatTensor<B>> {
+    let (wide, narrow) = (grad.dtype(), w.dtype());
+    (wide != narrow).then(|| {
+        let narrow_grad = B::float_cast(grad.clone(), narrow.into());
+        B::float_cast(B::linear_x_backward(w.clone(), narrow_grad), wide.into())
+    })
 }
 
 /// A linear layer under `Autodiff`: the inner backend's kernel with a backward node for the
@@ -191,6 +239,12 @@ pub fn linear_autodiff<B: ModelBackend, C: CheckpointStrategy>(
 ) -> FloatTensor<Autodiff<B, C>> {
     let frozen =
         w.node.requirement.is_none() && b.as_ref().is_none_or(|b| b.node.requirement.is_none());
+    // Only the frozen backbone is narrowed (`ClipModel::with_backbone_precision`); burn's op
+    // cannot multiply two float types.
+    assert!(
+        frozen || x.primitive.dtype() == w.primitive.dtype(),
+        "a linear weight in another float type than its input must be frozen"
+    );
     let kernel = frozen
         .then(|| B::linear_kernel(&x.primitive, &w.primitive, b.as_ref().map(|b| &b.primitive)))
         .flatten();
@@ -206,7 +260,7 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::nn::{Linear, LinearConfig};
-    use burn::tensor::{Distribution, TensorPrimitive, Tolerance};
+    use burn::tensor::{DType, Distribution, TensorPrimitive, Tolerance};
 
     type AB = Autodiff<Flex>;
 
@@ -269,6 +323,57 @@ mod tests {
 
     /// The kernels themselves against burn-flex's ops (what the autodiff test cannot tell
     /// apart from a fallback to burn's op).
+    /// A frozen layer with its weight in bf16/f16 (`model.backbone_precision`): the output
+    /// and the input gradient come back as f32, within the narrow type's rounding of the f32
+    /// layer's, and a non-frozen narrow weight is refused.
+    #[test]
+    fn a_narrow_frozen_weight_gives_f32_outputs_and_gradients_within_its_rounding() {
+        let device = Default::default();
+        let layer: Linear<AB> = LinearConfig::new(96, 80).init(&device).no_grad();
+        let x = Tensor::<Flex, 3>::random([2, 9, 96], Distribution::Default, &device);
+        let weights = Tensor::<Flex, 3>::random([2, 9, 80], Distribution::Default, &device);
+        let run = |layer: &Linear<AB>| {
+            let x = Tensor::<AB, 3>::from_inner(x.clone()).require_grad();
+            let y = fused(layer, x.clone());
+            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                .sum()
+                .backward();
+            (y.inner(), x.grad(&grads).unwrap())
+        };
+        let relative = |value: &Tensor<Flex, 3>, reference: &Tensor<Flex, 3>| {
+            let norm = |t: Tensor<Flex, 3>| t.powi_scalar(2).sum().sqrt().into_scalar();
+            norm(value.clone() - reference.clone()) / norm(reference.clone())
+        };
+        let (y, dx) = run(&layer);
+        // One product of depth 96 or 80: a few units of 2⁻⁸ (bf16) or 2⁻¹¹ (f16).
+        for (dtype, bound) in [(DType::BF16, 0.01), (DType::F16, 0.0015)] {
+            let narrow = Linear {
+                weight: layer.weight.clone().map(|w| w.cast(dtype)),
+                bias: layer.bias.clone(),
+            };
+            let (narrow_y, narrow_dx) = run(&narrow);
+            for (value, reference) in [(&narrow_y, &y), (&narrow_dx, &dx)] {
+                assert_eq!(value.dtype(), DType::F32);
+                let error = relative(value, reference);
+                assert!(error > 1e-7 && error < bound, "{dtype:?}: {error}");
+            }
+        }
+        let trained = Linear {
+            weight: layer
+                .weight
+                .clone()
+                .map(|w| w.cast(DType::BF16).require_grad()),
+            bias: None,
+        };
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            fused(&trained, Tensor::<AB, 3>::from_inner(x.clone()))
+        }));
+        assert!(
+            refused.is_err(),
+            "a trained narrow weight must not reach burn's op"
+        );
+    }
+
     #[test]
     fn kernels_match_burn_flex_linear_and_its_input_gradient() {
         let device = Default::default();

@@ -78,6 +78,48 @@ fn broker(action: &'static str) -> impl FnOnce(lapin::Error) -> AmqpError {
     move |source| AmqpError::Broker { action, source }
 }
 
+/// Longest wait for one broker operation. lapin leaves an operation pending for good once its
+/// connection's I/O loop has died: seen in CI, the acks of the deliveries in flight when the
+/// broker reset the connection never completed, so the session never finished draining them
+/// and the source never reconnected (1 run in 9 of `ingest_broker_restart`).
+const BROKER_WAIT: Duration = Duration::from_secs(10);
+
+/// A broker operation that gives up after [`BROKER_WAIT`].
+trait WithinBrokerWait<T>: Future<Output = Result<T, lapin::Error>> + Sized {
+    fn within(self, action: &'static str) -> impl Future<Output = Result<T, AmqpError>> + Send
+    where
+        Self: Send,
+        T: Send,
+    {
+        self.within_for(action, BROKER_WAIT)
+    }
+
+    fn within_for(
+        self,
+        action: &'static str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<T, AmqpError>> + Send
+    where
+        Self: Send,
+        T: Send,
+    {
+        async move {
+            match tokio::time::timeout(wait, self).await {
+                Ok(result) => result.map_err(broker(action)),
+                Err(_) => Err(AmqpError::Broker {
+                    action,
+                    source: lapin::Error::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {wait:?}"),
+                    )),
+                }),
+            }
+        }
+    }
+}
+
+impl<T, F: Future<Output = Result<T, lapin::Error>>> WithinBrokerWait<T> for F {}
+
 /// The message format: `{"id"?, "image_b64", "captions": [...], "metadata"?: {...}}`.
 /// The base64 text is borrowed from the body when it has no escapes (no copy).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,16 +148,16 @@ pub async fn declare_topology(channel: &Channel, config: &AmqpSection) -> Result
             },
             FieldTable::default(),
         )
-        .await
-        .map_err(broker("declare the dead-letter exchange"))?;
+        .within("declare the dead-letter exchange")
+        .await?;
     channel
         .queue_declare(
             dead.as_str().into(),
             QueueDeclareOptions::durable(),
             FieldTable::default(),
         )
-        .await
-        .map_err(broker("declare the dead-letter queue"))?;
+        .within("declare the dead-letter queue")
+        .await?;
     channel
         .queue_bind(
             dead.as_str().into(),
@@ -124,8 +166,8 @@ pub async fn declare_topology(channel: &Channel, config: &AmqpSection) -> Result
             QueueBindOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(broker("bind the dead-letter queue"))?;
+        .within("bind the dead-letter queue")
+        .await?;
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
@@ -145,25 +187,17 @@ pub async fn declare_topology(channel: &Channel, config: &AmqpSection) -> Result
             QueueDeclareOptions::durable(),
             arguments,
         )
-        .await
-        .map_err(broker(
+        .within(
             "declare the queue (if it exists with other arguments, delete it or use another name)",
-        ))?;
+        )
+        .await?;
     Ok(())
 }
 
 async fn connect(config: &AmqpSection) -> Result<Connection, AmqpError> {
-    let connecting = Connection::connect(&config.uri, ConnectionProperties::default());
-    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-        Ok(connection) => connection.map_err(broker("connect")),
-        Err(_) => Err(AmqpError::Broker {
-            action: "connect",
-            source: lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer within 10 s",
-            )),
-        }),
-    }
+    Connection::connect(&config.uri, ConnectionProperties::default())
+        .within("connect")
+        .await
 }
 
 /// What the consumer's handlers share.
@@ -218,23 +252,20 @@ pub async fn run_amqp(
 async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
     let config = &context.config;
     let connection = connect(config).await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(broker("open a channel"))?;
+    let channel = connection.create_channel().within("open a channel").await?;
     declare_topology(&channel, config).await?;
     channel
         .basic_qos(config.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(broker("set prefetch"))?;
+        .within("set prefetch")
+        .await?;
     let dead_letters = connection
         .create_channel()
-        .await
-        .map_err(broker("open the dead-letter channel"))?;
+        .within("open the dead-letter channel")
+        .await?;
     dead_letters
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(broker("enable publisher confirms"))?;
+        .within("enable publisher confirms")
+        .await?;
     let mut consumer = channel
         .basic_consume(
             config.queue.as_str().into(),
@@ -242,8 +273,8 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(broker("consume"))?;
+        .within("consume")
+        .await?;
     tracing::info!(queue = %config.queue, prefetch = config.prefetch, "consuming");
     metrics::gauge!("rsitrd_amqp_connected").set(1.0);
     let mut handlers = JoinSet::new();
@@ -269,11 +300,12 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
                 let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
                 match channel
                     .queue_declare(config.queue.as_str().into(), passive, FieldTable::default())
+                    .within("check the queue")
                     .await
                 {
                     Ok(queue) => metrics::gauge!("rsitrd_amqp_queue_ready_messages")
                         .set(f64::from(queue.message_count())),
-                    Err(source) => break Err(AmqpError::Broker { action: "check the queue", source }),
+                    Err(error) => break Err(error),
                 }
                 metrics::gauge!("rsitrd_amqp_in_flight_deliveries").set(handlers.len() as f64);
             }
@@ -302,7 +334,10 @@ async fn session(context: &Arc<Context>) -> Result<(), AmqpError> {
     // Deliveries in flight finish: committed ones are acked, the others stay unacked and come
     // back from the broker.
     while handlers.join_next().await.is_some() {}
-    let _ = connection.close(200, "rsitrd stopping".into()).await;
+    let _ = connection
+        .close(200, "rsitrd stopping".into())
+        .within("close")
+        .await;
     result
 }
 
@@ -347,8 +382,8 @@ async fn handle(
                     multiple: false,
                     requeue: true,
                 })
-                .await
-                .map_err(broker("nack"))?;
+                .within("nack")
+                .await?;
             return Ok(());
         }
     };
@@ -379,8 +414,8 @@ async fn handle(
     // A failed ack (channel gone) means a redelivery, which the store absorbs.
     delivery
         .ack(BasicAckOptions::default())
-        .await
-        .map_err(broker("ack"))?;
+        .within("ack")
+        .await?;
     Ok(())
 }
 
@@ -442,10 +477,10 @@ async fn dead_letter(
             &delivery.data,
             properties,
         )
-        .await
-        .map_err(broker("dead-letter"))?
-        .await
-        .map_err(broker("dead-letter confirm"))?;
+        .within("dead-letter")
+        .await?
+        .within("dead-letter confirm")
+        .await?;
     if confirm.is_nack() {
         return Err(AmqpError::Nacked {
             id: format!("dead letter of delivery {}", delivery.delivery_tag),
@@ -578,15 +613,12 @@ pub async fn publish_all(
     mut on_confirm: impl FnMut(),
 ) -> Result<usize, AmqpError> {
     let connection = connect(config).await?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(broker("open a channel"))?;
+    let channel = connection.create_channel().within("open a channel").await?;
     declare_topology(&channel, config).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(broker("enable publisher confirms"))?;
+        .within("enable publisher confirms")
+        .await?;
     let mut pending = std::collections::VecDeque::new();
     let mut published = 0;
     let mut messages = messages.peekable();
@@ -615,13 +647,16 @@ pub async fn publish_all(
         published += 1;
         on_confirm();
     }
-    let _ = connection.close(200, "published".into()).await;
+    let _ = connection
+        .close(200, "published".into())
+        .within("close")
+        .await;
     Ok(published)
 }
 
 /// Whether the broker acked the publish.
 async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<bool, AmqpError> {
-    let confirmation = confirm.await.map_err(broker("publisher confirm"))?;
+    let confirmation = confirm.within("publisher confirm").await?;
     Ok(!confirmation.is_nack())
 }
 
@@ -638,6 +673,39 @@ async fn publish_one(
             &message.body,
             message_properties(&message.id),
         )
+        .within("publish")
         .await
-        .map_err(broker("publish"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation lapin never completes (its connection's I/O loop died) fails after the
+    /// wait, naming the action, instead of holding the session for good.
+    #[test]
+    fn a_broker_operation_that_never_completes_fails_after_the_wait() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let never = std::future::pending::<Result<(), lapin::Error>>();
+            let started = Instant::now();
+            let error = never
+                .within_for("ack", Duration::from_millis(50))
+                .await
+                .unwrap_err();
+            assert!(started.elapsed() >= Duration::from_millis(50));
+            assert!(
+                matches!(&error, AmqpError::Broker { action: "ack", .. }),
+                "{error}"
+            );
+            assert!(error.to_string().contains("no answer within"), "{error}");
+            let answered = async { Ok::<_, lapin::Error>(7) }
+                .within_for("ack", Duration::from_millis(50))
+                .await;
+            assert_eq!(answered.unwrap(), 7);
+        });
+    }
 }

@@ -73,6 +73,7 @@ impl<B: ModelBackend> Backbone<B> {
         let loaded = weights::load_clip::<B>(model_dir, &adapter_config, device)?;
         let mut model = loaded.model.with_backbone_precision(precision);
         model.adapter = adapter_config.init_seeded(&loaded.config, seed, device);
+        tracing::info!(model = %model_dir.display(), %precision, "backbone loaded");
         let mut untrained = Embedder::from_parts(
             model,
             loaded.config,

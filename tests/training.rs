@@ -406,6 +406,60 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
     assert_ne!(listed, other_seed);
 }
 
+/// The daemon's continual run on a backbone whose blocks compute in bf16
+/// (`model.backbone_precision`): it trains the adapter (the candidate embeds otherwise than
+/// the untrained backbone), and the same seeded run on the f32 backbone ends near it.
+#[test]
+fn the_daemons_run_trains_the_adapter_on_a_bf16_backbone() {
+    use rsitrd::config::TrainingSection;
+    use rsitrd::model::device::BackbonePrecision;
+    use rsitrd::train::continual::train_candidate;
+
+    let _guard = serial();
+    let temp = tempfile::tempdir().unwrap();
+    let store = synthetic_store(temp.path(), 300, |i| vec![format!("synthetic tile {i}")]);
+    let samples = store.samples_in(None).unwrap();
+    let config = TrainingSection {
+        steps: 3,
+        batch_size: 4,
+        lr: 1e-2,
+        ..TrainingSection::default()
+    };
+    let device = Default::default();
+    let run = |precision: BackbonePrecision| {
+        let backbone = rsitrd::serve::Backbone::<
+            <AB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
+        >::load(&fixture("tiny-clip"), None, 7, 8, precision, &device)
+        .unwrap();
+        let untrained = backbone.untrained().embed_texts(&["a synthetic tile"]);
+        let candidate = train_candidate::<AB>(
+            &backbone.untrained(),
+            &samples,
+            &store,
+            &config,
+            11,
+            &ImageLimits::default(),
+            &device,
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap();
+        assert!(candidate.first_loss.is_finite() && candidate.last_loss.is_finite());
+        let trained = candidate.embedder.embed_texts(&["a synthetic tile"]);
+        (untrained[0].clone(), trained[0].clone())
+    };
+    let (untrained, trained) = run(BackbonePrecision::Bf16);
+    let (_, trained_f32) = run(BackbonePrecision::F32);
+    assert!(
+        common::max_abs_diff(&untrained, &trained) > 1e-3,
+        "the adapter trained"
+    );
+    let cosine: f32 = trained.iter().zip(&trained_f32).map(|(a, b)| a * b).sum();
+    assert!(
+        cosine > 0.99 && trained != trained_f32,
+        "bf16 and f32 runs: cosine {cosine}"
+    );
+}
+
 /// The run's strategies: with `training.ema_decay` the candidate is the weight average
 /// started at the parent, so it stays nearer the parent than the last step's weights; a
 /// cosine schedule gives another candidate than a constant rate (it is applied).

@@ -338,7 +338,6 @@ fn nonzero_adapter_changes_embeddings() {
 fn continual_run_depends_on_the_sample_set_not_its_order() {
     use rsitrd::config::TrainingSection;
     use rsitrd::store::SampleRecord;
-    use rsitrd::train::continual::train_candidate;
 
     let _guard = serial();
     let temp = tempfile::tempdir().unwrap();
@@ -369,17 +368,7 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
     };
     let backbone = load(7);
     let run_on = |backbone: &rsitrd::serve::Backbone<_>, samples: &[SampleRecord], seed: u64| {
-        let candidate = train_candidate::<AB>(
-            &backbone.untrained(),
-            samples,
-            &store,
-            &config,
-            seed,
-            &ImageLimits::default(),
-            &device,
-            &tokio_util::sync::CancellationToken::new(),
-        )
-        .unwrap();
+        let candidate = continual_run(&backbone.untrained(), samples, &store, &config, seed);
         (
             candidate.first_loss,
             candidate.last_loss,
@@ -413,7 +402,6 @@ fn continual_run_depends_on_the_sample_set_not_its_order() {
 fn the_daemons_run_trains_the_adapter_on_a_bf16_backbone() {
     use rsitrd::config::TrainingSection;
     use rsitrd::model::device::BackbonePrecision;
-    use rsitrd::train::continual::train_candidate;
 
     let _guard = serial();
     let temp = tempfile::tempdir().unwrap();
@@ -421,28 +409,12 @@ fn the_daemons_run_trains_the_adapter_on_a_bf16_backbone() {
     let samples = store.samples_in(None).unwrap();
     let config = TrainingSection {
         steps: 3,
-        batch_size: 4,
-        lr: 1e-2,
-        ..TrainingSection::default()
+        ..short_run()
     };
-    let device = Default::default();
     let run = |precision: BackbonePrecision| {
-        let backbone = rsitrd::serve::Backbone::<
-            <AB as burn::tensor::backend::AutodiffBackend>::InnerBackend,
-        >::load(&fixture("tiny-clip"), None, 7, 8, precision, &device)
-        .unwrap();
+        let backbone = tiny_backbone(precision);
         let untrained = backbone.untrained().embed_texts(&["a synthetic tile"]);
-        let candidate = train_candidate::<AB>(
-            &backbone.untrained(),
-            &samples,
-            &store,
-            &config,
-            11,
-            &ImageLimits::default(),
-            &device,
-            &tokio_util::sync::CancellationToken::new(),
-        )
-        .unwrap();
+        let candidate = continual_run(&backbone.untrained(), &samples, &store, &config, 11);
         assert!(candidate.first_loss.is_finite() && candidate.last_loss.is_finite());
         let trained = candidate.embedder.embed_texts(&["a synthetic tile"]);
         (untrained[0].clone(), trained[0].clone())
@@ -466,42 +438,17 @@ fn the_daemons_run_trains_the_adapter_on_a_bf16_backbone() {
 #[test]
 fn ema_keeps_the_candidate_near_the_parent_and_the_schedule_is_applied() {
     use rsitrd::config::{LrSchedule, TrainingSection};
-    use rsitrd::train::continual::train_candidate;
 
     let _guard = serial();
     let temp = tempfile::tempdir().unwrap();
     let store = synthetic_store(temp.path(), 400, |i| vec![format!("synthetic tile {i}")]);
     let samples = store.samples_in(None).unwrap();
-    let device = Default::default();
-    let backbone = rsitrd::serve::Backbone::<B>::load(
-        &fixture("tiny-clip"),
-        None,
-        7,
-        8,
-        Default::default(),
-        &device,
-    )
-    .unwrap();
-    let parent = backbone.untrained();
-    let run = |config: TrainingSection| {
-        train_candidate::<AB>(
-            &parent,
-            &samples,
-            &store,
-            &config,
-            3,
-            &ImageLimits::default(),
-            &device,
-            &tokio_util::sync::CancellationToken::new(),
-        )
-        .unwrap()
-        .embedder
-    };
+    let parent = tiny_backbone(Default::default()).untrained();
+    let run =
+        |config: TrainingSection| continual_run(&parent, &samples, &store, &config, 3).embedder;
     let base = TrainingSection {
         steps: 6,
-        batch_size: 4,
-        lr: 1e-2,
-        ..TrainingSection::default()
+        ..short_run()
     };
     // Distance of a candidate's adapter from the parent's (the up projections start at 0).
     let distance = |embedder: &Embedder<B>| {
@@ -546,6 +493,51 @@ fn ema_keeps_the_candidate_near_the_parent_and_the_schedule_is_applied() {
         d_cosine > 0.0 && (d_cosine - d_last).abs() > 1e-6,
         "cosine {d_cosine} vs constant {d_last}"
     );
+}
+
+/// The tiny CLIP fixture as the daemon loads it (adapter seed 7), its blocks in `precision`.
+fn tiny_backbone(
+    precision: rsitrd::model::device::BackbonePrecision,
+) -> rsitrd::serve::Backbone<B> {
+    rsitrd::serve::Backbone::<B>::load(
+        &fixture("tiny-clip"),
+        None,
+        7,
+        8,
+        precision,
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+/// A short continual run's settings: batches of 4 at a learning rate of 0.01.
+fn short_run() -> rsitrd::config::TrainingSection {
+    rsitrd::config::TrainingSection {
+        batch_size: 4,
+        lr: 1e-2,
+        ..Default::default()
+    }
+}
+
+/// The daemon's continual run (`train_candidate`) from `start`, on the CPU, never cancelled.
+fn continual_run(
+    start: &Embedder<B>,
+    samples: &[rsitrd::store::SampleRecord],
+    store: &rsitrd::store::Store,
+    config: &rsitrd::config::TrainingSection,
+    seed: u64,
+) -> rsitrd::train::continual::Candidate<B> {
+    rsitrd::train::continual::train_candidate::<AB>(
+        start,
+        samples,
+        store,
+        config,
+        seed,
+        &ImageLimits::default(),
+        &Default::default(),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .unwrap()
 }
 
 /// A store of 8 synthetic 24-px tiles (`first`.. as pattern seeds), all in the train split.

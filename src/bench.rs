@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::Serialize;
 
-use crate::model::device::BackbonePrecision;
+use crate::model::device::{BackbonePrecision, PrecisionError};
 use crate::model::kernels::TrainBackend;
 use crate::model::{AdapterConfig, ClipConfig, ClipModel, ClipTokenizer, LossConfig, tokenizer};
 use crate::train::AdapterTrainer;
@@ -93,9 +93,9 @@ pub fn run<AB: TrainBackend>(
     device: &AB::Device,
     options: &BenchOptions,
     description: String,
-) -> BenchReport {
+) -> Result<BenchReport, PrecisionError> {
     AB::seed(device, options.seed);
-    let model = model.with_backbone_precision(options.precision);
+    let model = model.with_backbone_precision(options.precision, device)?;
     let tokenizer = ClipTokenizer::new(config.text_config.max_position_embeddings);
     let size = config.vision_config.image_size;
     let patch = config.vision_config.patch_size;
@@ -225,7 +225,7 @@ pub fn run<AB: TrainBackend>(
         ));
     }
     report.peak_rss_mib = peak_rss_mib();
-    report
+    Ok(report)
 }
 
 /// GFLOP/s of the vision MLP's frozen products at the training shape (`2·batch·tokens`

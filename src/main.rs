@@ -1058,7 +1058,6 @@ fn bench_command<B: ModelBackend>(
     options: &bench::BenchOptions,
 ) -> Result<()> {
     type AB<B> = Autodiff<B>;
-    options.precision.check::<B>(device)?;
     let (model, config, adapter, description) = match model_dir {
         Some(dir) => {
             let config = ClipConfig::from_model_dir(dir)?;
@@ -1084,7 +1083,7 @@ fn bench_command<B: ModelBackend>(
             (model, config, adapter, format!("{preset} (random weights)"))
         }
     };
-    let report = bench::run::<AB<B>>(model, &config, &adapter, device, options, description);
+    let report = bench::run::<AB<B>>(model, &config, &adapter, device, options, description)?;
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

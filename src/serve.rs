@@ -64,14 +64,13 @@ impl<B: ModelBackend> Backbone<B> {
         precision: BackbonePrecision,
         device: &B::Device,
     ) -> Result<Self, WeightsError> {
-        precision.check::<B>(device)?;
         let clip = ClipConfig::from_model_dir(model_dir)?;
         let adapter_config = match adapter {
             Some(path) => weights::read_adapter_meta(path)?.adapter,
             None => AdapterConfig::default_for(&clip),
         };
         let loaded = weights::load_clip::<B>(model_dir, &adapter_config, device)?;
-        let mut model = loaded.model.with_backbone_precision(precision);
+        let mut model = loaded.model.with_backbone_precision(precision, device)?;
         model.adapter = adapter_config.init_seeded(&loaded.config, seed, device);
         tracing::info!(model = %model_dir.display(), %precision, "backbone loaded");
         let mut untrained = Embedder::from_parts(

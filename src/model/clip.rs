@@ -11,7 +11,7 @@ use burn::tensor::{Int, TensorData};
 
 use super::adapter::{Modality, MrsAdapter, TokenPositions, dropout_rows_from};
 use super::config::{AdapterConfig, ClipConfig, HiddenAct};
-use super::device::BackbonePrecision;
+use super::device::{BackbonePrecision, PrecisionError};
 use super::kernels::{KeyRange, ModelBackend, activation, attention, layer_norm as norm, linear};
 
 /// Applies a `Linear` to `[batch, tokens, d_in]` as one `[batch·tokens, d_in]` matmul.
@@ -693,10 +693,16 @@ impl<B: ModelBackend> ClipModel<B> {
 
     /// Stores the frozen blocks' weights (q/k/v/out projections, MLP layers) in `precision`,
     /// so that their products run in it ([`BackbonePrecision`]); biases, LayerNorms,
-    /// embeddings, projections and the adapter stay f32. The narrowed weights are frozen.
-    pub fn with_backbone_precision(self, precision: BackbonePrecision) -> Self {
+    /// embeddings, projections and the adapter stay f32. The narrowed weights are frozen. A
+    /// precision that `device` cannot compute in is refused.
+    pub fn with_backbone_precision(
+        self,
+        precision: BackbonePrecision,
+        device: &B::Device,
+    ) -> Result<Self, PrecisionError> {
+        precision.check::<B>(device)?;
         let Some(dtype) = precision.narrow_dtype() else {
-            return self;
+            return Ok(self);
         };
         let narrow = |layer: Linear<B>| Linear {
             weight: layer
@@ -728,7 +734,7 @@ impl<B: ModelBackend> ClipModel<B> {
         let mut model = self;
         model.text_model.encoder = narrow_encoder(model.text_model.encoder);
         model.vision_model.encoder = narrow_encoder(model.vision_model.encoder);
-        model
+        Ok(model)
     }
 
     /// Freezes the backbone: only adapter parameters will receive gradients.
@@ -929,7 +935,10 @@ mod tests {
                 0.3,
             ),
         ] {
-            let narrow = model.clone().with_backbone_precision(precision);
+            let narrow = model
+                .clone()
+                .with_backbone_precision(precision, device)
+                .unwrap();
             let block = &narrow.vision_model.encoder.layers[0];
             for linear in [&block.self_attn.q_proj, &block.mlp.fc2] {
                 assert_eq!(linear.weight.val().dtype(), dtype);

@@ -244,16 +244,18 @@ impl ModelBackend for Flex {
 
     fn linear_kernel(x: &FlexTensor, w: &FlexTensor, b: Option<&FlexTensor>) -> Option<FlexTensor> {
         let f32s = is_f32(x) && is_f32(w) && b.is_none_or(is_f32);
-        match f32s {
-            true => Some(linear::linear_forward(x, w, b)),
-            false => linear::mixed_forward::<Self>(x, w, b),
+        if f32s {
+            Some(linear::linear_forward(x, w, b))
+        } else {
+            linear::mixed_forward::<Self>(x, w, b)
         }
     }
 
     fn linear_input_grad(w: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        match is_f32(&w) && is_f32(&grad) {
-            true => linear::linear_input_backward(&w, &grad),
-            false => linear::linear_input_grad_composite::<Self>(w, grad),
+        if is_f32(&w) && is_f32(&grad) {
+            linear::linear_input_backward(&w, &grad)
+        } else {
+            linear::linear_input_grad_composite::<Self>(w, grad)
         }
     }
 

@@ -74,7 +74,6 @@ impl<B: ModelBackend> Embedder<B> {
         precision: device::BackbonePrecision,
         device: &B::Device,
     ) -> Result<Self, WeightsError> {
-        precision.check::<B>(device)?;
         let clip_config = ClipConfig::from_model_dir(model_dir)?;
         let (adapter_config, meta) = match adapter {
             Some(path) => {
@@ -84,7 +83,7 @@ impl<B: ModelBackend> Embedder<B> {
             None => (AdapterConfig::default_for(&clip_config), None),
         };
         let loaded = weights::load_clip::<B>(model_dir, &adapter_config, device)?;
-        let mut model = loaded.model.with_backbone_precision(precision);
+        let mut model = loaded.model.with_backbone_precision(precision, device)?;
         let adapter_meta = match meta {
             Some(path) => Some(weights::load_adapter(
                 &mut model,

@@ -338,10 +338,9 @@ pub fn train<AB: TrainBackend>(
         logit_scale,
         base,
     } = weights::load_clip::<AB>(&config.model, &config.adapter_config, device)?;
-    (config.backbone_precision)
-        .check::<AB>(device)
+    let mut model = model
+        .with_backbone_precision(config.backbone_precision, device)
         .map_err(weights::WeightsError::from)?;
-    let mut model = model.with_backbone_precision(config.backbone_precision);
     let parent = match &config.adapter {
         Some(path) => Some(weights::load_adapter(
             &mut model,
